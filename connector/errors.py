@@ -1,0 +1,93 @@
+"""Typed errors of the public API.
+
+Every error carries a stable ``code`` (used as the JSON error code by the HTTP API) and the
+HTTP status it maps to, so the server never has to guess and never leaks a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConnectorError(Exception):
+    """Base of every error dynamo-local raises on purpose."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class GraphError(ConnectorError):
+    """A graph file or object is invalid; the message names file, service, field and why."""
+
+    code = "invalid_graph"
+    http_status = 422
+
+
+class ComponentNotFound(ConnectorError):
+    code = "component_not_found"
+    http_status = 404
+
+
+class InvalidReplicas(ConnectorError):
+    """Negative, non-integer, or outside ``minReplicas``/``maxReplicas``."""
+
+    code = "invalid_replicas"
+    http_status = 422
+
+
+class ReplicaLimit(InvalidReplicas):
+    """The target is a valid number but beyond the component's min/max bounds."""
+
+    code = "replica_limit"
+    http_status = 409
+
+
+class CrashLoop(ConnectorError):
+    """The component is in crashloop; restart it before scaling."""
+
+    code = "crashloop"
+    http_status = 409
+
+
+class SupervisorUnavailable(ConnectorError):
+    """circusd is gone or does not answer within the deadline."""
+
+    code = "supervisor_unavailable"
+    http_status = 503
+
+
+class DiscoveryUnavailable(ConnectorError):
+    code = "discovery_unavailable"
+    http_status = 503
+
+
+class ScaleTimeout(ConnectorError):
+    code = "scale_timeout"
+    http_status = 504
+
+
+class NamespaceLocked(ConnectorError):
+    """Another connector already manages this namespace (same working dir)."""
+
+    code = "namespace_locked"
+    http_status = 409
+
+
+class ResourcesExhausted(ConnectorError):
+    """A replica's request cannot be met; says what is missing and who holds it."""
+
+    code = "resources_exhausted"
+    http_status = 409
+
+
+class ConnectorClosed(ConnectorError):
+    code = "connector_closed"
+    http_status = 503

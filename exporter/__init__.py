@@ -1,0 +1,1 @@
+"""dynamo-local exporter: metrics and traces of a supervised Dynamo graph."""
