@@ -63,8 +63,10 @@ class RestartPolicy:
 @dataclass(frozen=True)
 class Readiness:
     kind: ReadinessKind = ReadinessKind.PROCESS
-    # discovery: endpoint names that must (all) or may (any) be registered.
-    endpoints: tuple[str, ...] = ()
+    # discovery: the Dynamo component name the replica registers as (default: the service
+    # name lowercased) and the endpoint names that must (all) or may (any) be registered.
+    component: str | None = None
+    endpoints: tuple[str, ...] = ("generate",)
     match: str = "all"  # "all" | "any"
     # http: URL, may contain {port.NAME} templates. tcp: a port name or number.
     url: str | None = None
@@ -144,6 +146,7 @@ class Graph:
     namespace: str
     services: dict[str, Service]
     source: str = "<memory>"  # file path or module:attr it came from, for messages
+    warnings: tuple[str, ...] = ()  # unknown keys and other non-fatal findings
 
     def service(self, name: str) -> Service:
         return self.services[name]
