@@ -40,9 +40,13 @@ class InstanceKey:
     @property
     def key(self) -> str:
         if self.format == "2025":
-            return f"instances/{self.namespace}/{self.component}/{self.endpoint}:{self.instance_id:x}"
+            return (
+                f"instances/{self.namespace}/{self.component}/{self.endpoint}:{self.instance_id:x}"
+            )
         if self.format == "early-2025":
-            return f"{self.namespace}/components/{self.component}/{self.endpoint}:{self.instance_id:x}"
+            return (
+                f"{self.namespace}/components/{self.component}/{self.endpoint}:{self.instance_id:x}"
+            )
         return instance_key(self.namespace, self.component, self.endpoint, self.instance_id)
 
 

@@ -1,0 +1,56 @@
+"""Makes a replica die with its supervisor.
+
+circusd starts every replica through a launcher that sets ``PR_SET_PDEATHSIG`` (SIGKILL)
+and then execs the real command, so the replica keeps its pid and is killed by the kernel
+the moment circusd dies, even on SIGKILL. util-linux ``setpriv --pdeathsig`` does this with
+no interpreter start-up cost; this module is the fallback where setpriv is missing:
+``python -m connector.launcher -- CMD ARGS...``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def launcher_prefix(cpus: tuple[int, ...] = ()) -> list[str]:
+    """The argv prefix that runs a command with parent-death signal (and CPU pinning)."""
+    prefix: list[str]
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"]
+    else:
+        prefix = [sys.executable, "-m", "connector.launcher", "--"]
+    if cpus:
+        taskset = shutil.which("taskset")
+        if taskset:
+            prefix += [taskset, "-c", ",".join(str(c) for c in cpus)]
+    return prefix
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("usage: python -m connector.launcher -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        print(f"launcher: prctl failed: errno {ctypes.get_errno()}", file=sys.stderr)
+        return 1
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        return 1
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"launcher: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,510 @@
+"""``LocalConnector``: the public façade that composes graph, state, Circus, resources,
+discovery and the reconcile loop for one namespace.
+
+    async with await LocalConnector.create("demo", "examples/demo.yaml") as c:
+        await c.scale_component("Decode", 3)
+
+Every mutating call only changes the desired state and wakes the reconcile loop; the loop
+is the one place that starts and stops processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from connector import procs
+from connector.errors import (
+    ConnectorClosed,
+    CrashLoop,
+    InvalidReplicas,
+    ReplicaLimit,
+    ResourcesExhausted,
+)
+from connector.events import Event, EventLog, Subscriber
+from connector.graph import Graph
+from connector.reconcile import Hooks, Reconciler, ResourceBroker
+from connector.state import ConnectorState, StateStore
+from connector.status import build_view
+from connector.supervisor import (
+    CircusChannel,
+    CircusdInfo,
+    CircusEvents,
+    start_circusd,
+    stop_circusd,
+)
+from connector.view import ConnectorView
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_LOG_LINES = 10_000
+
+
+@dataclass
+class ConnectorOptions:
+    """Everything that is not in the graph. Defaults run a graph with no external service."""
+
+    discovery: str = "file"  # file | etcd | none
+    file_kv: Path | None = None  # default: <working_dir>/discovery
+    etcd_url: str | None = None
+    nats_url: str | None = None
+    circus_endpoint: str | None = None  # attach to an external circusd instead of owning one
+    circus_pubsub_endpoint: str | None = None
+    circus_check_delay_s: float = 0.25
+    gpu_backend: str = "auto"  # auto | nvml | none | fake:<capture.json>
+    port_range: tuple[int, int] = (20000, 29999)
+    resync_s: float = 1.0
+    scale_timeout_s: float = 300.0
+    planner_executor: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_working_dir(namespace: str) -> Path:
+    return Path.home() / ".dynamo" / "local" / namespace
+
+
+class LocalConnector:
+    """Supervises one graph in one namespace. Create with :meth:`create`."""
+
+    def __init__(
+        self,
+        namespace: str,
+        graph: Graph,
+        working_dir: Path | None = None,
+        options: ConnectorOptions | None = None,
+    ) -> None:
+        if not _NAMESPACE.match(namespace):
+            raise InvalidReplicas(
+                f"namespace {namespace!r} must be lowercase letters, digits, '-' or '_' "
+                "(it becomes part of process and file names)",
+                namespace=namespace,
+            )
+        self.namespace = namespace
+        self.graph = graph
+        self.working_dir = (working_dir or default_working_dir(namespace)).expanduser()
+        self.options = options or ConnectorOptions()
+        self.events = EventLog(self.working_dir / "events.jsonl")
+        self.store = StateStore(self.working_dir)
+        self.state = ConnectorState(namespace=namespace, graph_source=graph.source)
+        self.resources: ResourceBroker | None = None
+        self.reconciler: Reconciler | None = None
+        self.hooks = Hooks()
+        self._circusd: CircusdInfo | None = None
+        self._channel: CircusChannel | None = None
+        self._circus_events: CircusEvents | None = None
+        self._initialized = False
+        self._closed = False
+        self._extensions: list[Any] = []  # started after the loop, stopped before it
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    async def create(
+        cls,
+        namespace: str,
+        bento_identifier: str | Path = ".",
+        working_dir: str | Path | None = None,
+        **options: Any,
+    ) -> LocalConnector:
+        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``)."""
+        from connector.graph_loader import load_graph
+
+        graph = await asyncio.to_thread(load_graph, bento_identifier)
+        return cls(
+            namespace,
+            graph,
+            Path(working_dir) if working_dir is not None else None,
+            ConnectorOptions(**options),
+        )
+
+    async def __aenter__(self) -> LocalConnector:
+        await self.initialize()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def initialize(self) -> None:
+        """Take the namespace, attach to or start circusd, re-adopt replicas, start the loop."""
+        if self._initialized:
+            return
+        if self._closed:
+            raise ConnectorClosed("this connector was shut down; create a new one")
+        await asyncio.to_thread(self.store.acquire)
+        try:
+            await self._initialize_locked()
+        except BaseException:
+            await self._teardown(detach=True)
+            raise
+        self._initialized = True
+
+    async def _initialize_locked(self) -> None:
+        loaded = await asyncio.to_thread(self.store.load)
+        if loaded is not None:
+            self.state = loaded
+            self.state.graph_source = self.graph.source
+        self.resources = await self._make_resources()
+        await self._attach_supervisor()
+        assert self._channel is not None
+        self.reconciler = Reconciler(
+            namespace=self.namespace,
+            graph=self.graph,
+            state=self.state,
+            store=self.store,
+            channel=self._channel,
+            events=self.events,
+            resources=self.resources,
+            log_dir=self.working_dir / "logs",
+            hooks=self.hooks,
+            resync_s=self.options.resync_s,
+            circusd_alive=self._owned_circusd_alive,
+            recover_supervisor=self._restart_circusd,
+        )
+        await self._start_interop()
+        self._subscribe_circus_events()
+        report = await self.reconciler.adopt()
+        if report["adopted"] or report["stray"] or report["lost"]:
+            log.info("re-adoption: %s", report)
+        self._clamp_targets()
+        self.reconciler.start()
+        await self.reconciler.reconcile_once()
+
+    async def _make_resources(self) -> ResourceBroker:
+        from connector.resources import open_resource_manager
+
+        return await open_resource_manager(
+            self.options.gpu_backend,
+            working_dir=self.working_dir,
+            namespace=self.namespace,
+            port_range=self.options.port_range,
+        )
+
+    async def _start_interop(self) -> None:
+        """Discovery, Planner executor and queue monitor, when configured."""
+        from connector.interop import start_interop
+
+        self._extensions = await start_interop(self)
+
+    def _clamp_targets(self) -> None:
+        assert self.reconciler is not None
+        for name, svc in self.graph.services.items():
+            comp = self.reconciler.component_record(name)
+            upper = svc.max_replicas if svc.max_replicas is not None else comp.target
+            comp.target = max(svc.min_replicas, min(comp.target, upper))
+
+    async def _attach_supervisor(self) -> None:
+        opts = self.options
+        if opts.circus_endpoint:
+            pubsub = opts.circus_pubsub_endpoint or ""
+            self._circusd = CircusdInfo(opts.circus_endpoint, pubsub, owned=False)
+        else:
+            recorded = CircusdInfo.from_dict(self.state.circusd) if self.state.circusd else None
+            if recorded is not None and recorded.owned and recorded.process_alive():
+                self._circusd = recorded  # re-attach: it kept our replicas alive
+            else:
+                self._circusd = await start_circusd(
+                    self.working_dir / "circus", check_delay=opts.circus_check_delay_s
+                )
+        self.state.circusd = self._circusd.to_dict()
+        self._channel = CircusChannel(self._circusd.endpoint)
+        await self._channel.call("list")  # fail now, clearly, if it does not answer
+        await self.store.save(self.state)
+
+    def _subscribe_circus_events(self) -> None:
+        assert self.reconciler is not None and self._circusd is not None
+        if not self._circusd.pubsub_endpoint:
+            return
+        if self._circus_events is not None:
+            return
+        self._circus_events = CircusEvents(
+            self._circusd.pubsub_endpoint,
+            self.reconciler.watcher_prefix,
+            self.reconciler.on_circus_event,
+        )
+        self._circus_events.start()
+
+    def _owned_circusd_alive(self) -> bool:
+        info = self._circusd
+        return info is None or not info.owned or info.process_alive()
+
+    async def _restart_circusd(self) -> CircusChannel:
+        if self._circus_events is not None:
+            await self._circus_events.stop()
+            self._circus_events = None
+        if self._channel is not None:
+            self._channel.close()
+        self._circusd = await start_circusd(
+            self.working_dir / "circus", check_delay=self.options.circus_check_delay_s
+        )
+        self.state.circusd = self._circusd.to_dict()
+        self._channel = CircusChannel(self._circusd.endpoint)
+        self._subscribe_circus_events()
+        return self._channel
+
+    async def shutdown(self, detach: bool = False) -> None:
+        """Stop every replica gracefully and circusd (or, with ``detach``, leave them running
+        for the next connector to re-adopt). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._teardown(detach=detach)
+
+    async def _teardown(self, detach: bool) -> None:
+        rec = self.reconciler
+        if rec is not None:
+            await rec.stop_loop()
+            if not detach:
+                await self._stop_all(rec)
+        for ext in reversed(self._extensions):
+            with contextlib.suppress(Exception):
+                await ext.close()
+        self._extensions = []
+        if self._circus_events is not None:
+            await self._circus_events.stop()
+            self._circus_events = None
+        if not detach and self._circusd is not None and self._circusd.owned:
+            await stop_circusd(self._circusd, self._channel)
+            self.state.circusd = None
+        if self._channel is not None:
+            self._channel.close()
+        with contextlib.suppress(Exception):
+            await self.store.save(self.state)
+        await self.events.aclose()
+        self.store.release()
+
+    async def _stop_all(self, rec: Reconciler) -> None:
+        # Drain and stop every replica concurrently, through the same path as a scale-down.
+        tasks = []
+        for replica in list(self.state.replicas.values()):
+            tasks.append(rec._stop(replica, None, "connector shutdown"))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _live(self) -> Reconciler:
+        if self._closed:
+            raise ConnectorClosed("the connector is shut down")
+        if self.reconciler is None:
+            raise ConnectorClosed("the connector is not initialized; call initialize() first")
+        return self.reconciler
+
+    # ---------------------------------------------------------------- scaling
+
+    async def scale_component(
+        self,
+        name: str,
+        replicas: int,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        source: str = "api",
+        decision_id: int | None = None,
+    ) -> bool:
+        """Set ``name``'s replica target. With ``blocking``, wait until exactly that many
+        replicas are ready; returns False on timeout (or when a newer target supersedes it).
+
+        Raises InvalidReplicas (bad number), ReplicaLimit (outside min/max), CrashLoop,
+        ResourcesExhausted (nothing of the scale-up fits, or only part: then the replicas
+        that fit are started and the exception's ``details["started"]`` names them).
+        """
+        rec = self._live()
+        svc = rec.require(name)
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            raise InvalidReplicas(f"replicas must be an integer, got {replicas!r}", component=name)
+        if replicas < 0:
+            raise InvalidReplicas(f"replicas must be >= 0, got {replicas}", component=name)
+        if replicas < svc.min_replicas or (
+            svc.max_replicas is not None and replicas > svc.max_replicas
+        ):
+            bounds = (
+                f"{svc.min_replicas}..{svc.max_replicas if svc.max_replicas is not None else '∞'}"
+            )
+            raise ReplicaLimit(
+                f"{name}: {replicas} replicas is outside minReplicas..maxReplicas ({bounds})",
+                component=name,
+                requested=replicas,
+                min_replicas=svc.min_replicas,
+                max_replicas=svc.max_replicas,
+            )
+        comp = rec.component_record(name)
+        if comp.crashloop:
+            raise CrashLoop(
+                f"{name} is in crashloop ({comp.crashloop_reason}); restart it first",
+                component=name,
+                reason=comp.crashloop_reason,
+            )
+        before = comp.target
+        op = rec.begin_op(name, replicas, kind="scale", source=source, decision_id=decision_id)
+        with op.step("allocate"):
+            plan = rec.plan(name, op)
+        await rec.save()
+        if plan.refused:
+            # Keep the target at what could be started, so nothing retries in a hot loop.
+            live = [r for r in self.state.replicas_of(name) if r.phase != "stopping"]
+            comp.target = max(len(live), svc.min_replicas)
+            op.target = comp.target
+            await rec.save()
+            first = plan.refused[0]
+            rec._finish_op(op, "partial" if plan.started else "refused", first.message)
+            raise ResourcesExhausted(
+                first.message,
+                **{
+                    **first.details,
+                    "component": name,
+                    "requested": replicas,
+                    "before": before,
+                    "started": plan.started,
+                    "target": comp.target,
+                },
+            )
+        rec.wake()
+        if not blocking:
+            return True
+        return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
+
+    async def add_component(self, name: str, blocking: bool = True) -> bool:
+        """Dynamo's older Planner interface: one replica more."""
+        current = self._live().component_record(name).target
+        return await self.scale_component(name, current + 1, blocking, source="planner")
+
+    async def remove_component(self, name: str, blocking: bool = True) -> bool:
+        """Dynamo's older Planner interface: one replica less (never below zero)."""
+        rec = self._live()
+        rec.require(name)
+        current = rec.component_record(name).target
+        if current == 0:
+            return True
+        return await self.scale_component(name, current - 1, blocking, source="planner")
+
+    async def restart_component(
+        self, name: str, blocking: bool = True, timeout_s: float | None = None
+    ) -> bool:
+        """Replace every replica with a fresh one and clear a crash loop."""
+        rec = self._live()
+        rec.require(name)
+        comp = rec.component_record(name)
+        comp.crashloop = False
+        comp.crashloop_reason = None
+        comp.failures = []
+        rec._blocked.pop(name, None)
+        target = comp.target
+        op = rec.begin_op(name, target, kind="restart", source="api")
+        for replica in self.state.replicas_of(name):
+            if replica.phase != "stopping":
+                rec._launch(replica.watcher, rec._stop(replica, op, "restart"), replace=True)
+        rec.plan(name, op)
+        await rec.save()
+        rec.wake()
+        if not blocking:
+            return True
+        return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
+
+    async def get_component_replicas(self, name: str) -> int:
+        """Replicas that are ready now."""
+        rec = self._live()
+        rec.require(name)
+        return sum(1 for r in self.state.replicas_of(name) if r.phase == "ready")
+
+    # ---------------------------------------------------------------- reading
+
+    def view(self) -> ConnectorView:
+        return build_view(self)
+
+    def recent_events(self, since: int = 0) -> list[Event]:
+        return self.events.since(since)
+
+    def subscribe_events(self, fn: Subscriber) -> Callable[[], None]:
+        return self.events.subscribe(fn)
+
+    async def list_components(self) -> list[dict[str, Any]]:
+        self._live()
+        return [
+            {
+                "name": c.name,
+                "role": c.role,
+                "sub_component_type": c.sub_component_type,
+                "status": c.status,
+                "replicas": {"desired": c.desired, "running": c.running, "ready": c.ready},
+                "restarts": c.restarts,
+                "crashloops": c.crashloops,
+                "scale_in_flight": c.scale_in_flight,
+                "reason": c.reason,
+            }
+            for c in self.view().components
+        ]
+
+    async def get_component_logs(
+        self, name: str, lines: int = 100, replica: str | int | None = None, stream: str = "both"
+    ) -> list[str]:
+        """Newest ``lines`` log lines across the component's replicas (capped at 10 000),
+        each prefixed by its replica; includes replicas that crashed."""
+        rec = self._live()
+        rec.require(name)
+        if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+            raise InvalidReplicas(f"lines must be a non-negative integer, got {lines!r}")
+        if stream not in ("stdout", "stderr", "both"):
+            raise InvalidReplicas(f"stream must be stdout, stderr or both, got {stream!r}")
+        lines = min(lines, MAX_LOG_LINES)
+        recs = self.state.replicas_of(name)
+        if replica is not None:
+            wanted = str(replica).rsplit("/", 1)[-1]
+            recs = [r for r in recs if str(r.ordinal) == wanted]
+            if not recs:
+                from connector.errors import ComponentNotFound
+
+                raise ComponentNotFound(f"{name} has no replica {replica}", component=name)
+        return await rec.read_logs(recs, lines, stream)
+
+    async def get_resource_usage(self, name: str) -> dict[str, Any]:
+        """Per replica: what is allocated and what is used (pids, CPU, RSS, GPU memory)."""
+        rec = self._live()
+        rec.require(name)
+        from connector.usage import resource_usage
+
+        return await resource_usage(self, name)
+
+    async def get_component_metrics(self, name: str) -> dict[str, Any]:
+        rec = self._live()
+        rec.require(name)
+        from connector.usage import component_metrics
+
+        return await component_metrics(self, name)
+
+    async def get_system_topology(self) -> dict[str, Any]:
+        self._live()
+        from connector.interop import system_topology
+
+        return await system_topology(self)
+
+    async def get_prefill_queue_metrics(self) -> dict[str, Any]:
+        self._live()
+        from connector.interop import prefill_queue_metrics
+
+        return await prefill_queue_metrics(self)
+
+    # ------------------------------------------------------------- internals
+
+    def replica_pids(self, name: str) -> dict[str, set[int]]:
+        """Process-tree pids of each live replica (blocking psutil: call in a thread)."""
+        out: dict[str, set[int]] = {}
+        for r in self.state.replicas_of(name):
+            if r.pid is not None and procs.same_process(r.pid, r.create_time):
+                out[r.replica_id] = procs.tree_pids(r.pid)
+        return out
+
+    def service_env(self) -> Mapping[str, str]:
+        return dict(os.environ)

@@ -1,0 +1,151 @@
+"""Desired and observed state of one namespace, persisted atomically under the working dir.
+
+What is persisted is what a restarted connector needs to re-adopt its replicas without
+orphaning or duplicating anything: replica targets, every replica's watcher, pid and process
+create time, reservation, log paths and restart history, and how to reach circusd.
+
+Writes go to a temp file that is fsynced and renamed over ``state.json``, so a crash at any
+point leaves either the old or the new state. A ``flock`` on ``connector.lock`` (released by
+the kernel when the holder dies, even on SIGKILL) keeps two connectors off one namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from connector.errors import NamespaceLocked
+
+STATE_VERSION = 1
+
+# spawning: record made, process not confirmed yet; starting: running, readiness pending;
+# ready: passed readiness; stopping: drain/stop in progress; backoff: exited, restart
+# scheduled; exited: exited and not restarted (policy, or component in crashloop).
+Phase = Literal["spawning", "starting", "ready", "stopping", "backoff", "exited"]
+ACTIVE_PHASES: frozenset[str] = frozenset({"spawning", "starting", "ready", "backoff"})
+
+
+class ExitRecord(BaseModel):
+    at: float
+    code: int | None = None  # exit status, or -signal when killed by a signal (Circus style)
+    reason: str | None = None
+
+
+class ReplicaRecord(BaseModel):
+    component: str
+    ordinal: int
+    watcher: str
+    phase: Phase = "spawning"
+    pid: int | None = None
+    create_time: float | None = None
+    spawned_at: float | None = None
+    ready_at: float | None = None
+    restarts: int = 0
+    consecutive_failures: int = 0
+    restart_at: float | None = None
+    last_exit: ExitRecord | None = None
+    reservation: dict[str, Any] | None = None
+    log_paths: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def replica_id(self) -> str:
+        return f"{self.component}/{self.ordinal}"
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_PHASES
+
+
+class ComponentRecord(BaseModel):
+    target: int
+    next_ordinal: int = 1
+    failures: list[float] = Field(default_factory=list)  # exit times inside the budget window
+    crashloop: bool = False
+    crashloop_reason: str | None = None
+    crashloops_total: int = 0
+    restarts_total: int = 0
+
+
+class ConnectorState(BaseModel):
+    version: int = STATE_VERSION
+    namespace: str
+    graph_source: str | None = None
+    circusd: dict[str, Any] | None = None
+    components: dict[str, ComponentRecord] = Field(default_factory=dict)
+    replicas: dict[str, ReplicaRecord] = Field(default_factory=dict)  # by watcher name
+
+    def replicas_of(self, component: str) -> list[ReplicaRecord]:
+        return sorted(
+            (r for r in self.replicas.values() if r.component == component),
+            key=lambda r: r.ordinal,
+        )
+
+
+class StateStore:
+    """Atomic JSON persistence of :class:`ConnectorState` plus the namespace lock."""
+
+    def __init__(self, working_dir: Path) -> None:
+        self.working_dir = working_dir
+        self.path = working_dir / "state.json"
+        self._lock_path = working_dir / "connector.lock"
+        self._lock_fd: int | None = None
+        self._write_lock = asyncio.Lock()
+
+    def acquire(self) -> None:
+        """Take the namespace lock or raise :class:`NamespaceLocked` naming the holder."""
+        self.working_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise NamespaceLocked(
+                f"another dynamo-local connector (pid {holder}) already manages "
+                f"{self.working_dir}; stop it first or use another namespace/working dir",
+                working_dir=str(self.working_dir),
+                holder_pid=holder,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> ConnectorState | None:
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        data = json.loads(raw)
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"{self.path}: state version {data.get('version')} is not {STATE_VERSION}"
+            )
+        return ConnectorState.model_validate(data)
+
+    def _write(self, text: str) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    async def save(self, state: ConnectorState) -> None:
+        # Serialize on the loop (a consistent snapshot), write in a thread.
+        text = state.model_dump_json(indent=1)
+        async with self._write_lock:
+            await asyncio.to_thread(self._write, text)

@@ -1,0 +1,95 @@
+"""Turns the connector's records into the read-only view (``connector.view``)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from connector.state import ComponentRecord, ReplicaRecord
+from connector.view import ComponentView, ConnectorView, ReplicaView
+
+if TYPE_CHECKING:
+    from connector.local import LocalConnector
+
+
+def component_status(comp: ComponentRecord, recs: list[ReplicaRecord]) -> str:
+    """One word for a component: starting, running, degraded, crashloop or stopped."""
+    if comp.crashloop:
+        return "crashloop"
+    live = [r for r in recs if r.phase != "stopping"]
+    if comp.target == 0 and not recs:
+        return "stopped"
+    ready = sum(1 for r in live if r.phase == "ready")
+    if ready == comp.target and len(recs) == comp.target:
+        return "running"
+    failing = any(r.phase in ("backoff", "exited") for r in live)
+    if not failing and all(r.phase in ("spawning", "starting", "ready") for r in live):
+        return "starting" if ready < comp.target else "running"
+    return "degraded"
+
+
+def replica_view(rec: ReplicaRecord) -> ReplicaView:
+    res = rec.reservation or {}
+    return ReplicaView(
+        component=rec.component,
+        replica=str(rec.ordinal),
+        watcher=rec.watcher,
+        state=rec.phase,
+        ready=rec.phase == "ready",
+        pid=rec.pid,
+        create_time=rec.create_time,
+        started_at=rec.spawned_at,
+        restarts=rec.restarts,
+        last_exit_code=rec.last_exit.code if rec.last_exit else None,
+        gpus=tuple(res.get("gpus", ())),
+        gpu_fraction=float(res.get("gpu_fraction", 0.0)),
+        cpu_cores=float(res.get("cpu_cores", 0.0)),
+        memory_bytes=int(res.get("memory_bytes", 0)),
+        ports=dict(res.get("ports", {})),
+        sockets=dict(res.get("sockets", {})),
+        log_paths=dict(rec.log_paths),
+    )
+
+
+def build_view(connector: LocalConnector) -> ConnectorView:
+    state = connector.state
+    graph = connector.graph
+    rec = connector.reconciler
+    components = []
+    for name, svc in graph.services.items():
+        comp = state.components.get(name) or ComponentRecord(target=svc.replicas)
+        recs = state.replicas_of(name)
+        op = rec.ops.get(name) if rec is not None else None
+        status = component_status(comp, recs)
+        reason = comp.crashloop_reason if comp.crashloop else None
+        if reason is None and status == "degraded":
+            exits = [r.last_exit for r in recs if r.last_exit is not None]
+            if exits:
+                last = max(exits, key=lambda e: e.at)
+                reason = last.reason
+        components.append(
+            ComponentView(
+                name=name,
+                role=svc.role.value,
+                sub_component_type=svc.sub_component_type.value if svc.sub_component_type else None,
+                dynamo_namespace=svc.dynamo_namespace or graph.namespace,
+                status=status,
+                desired=comp.target,
+                running=sum(1 for r in recs if r.phase in ("starting", "ready")),
+                ready=sum(1 for r in recs if r.phase == "ready"),
+                restarts=comp.restarts_total,
+                crashloops=comp.crashloops_total,
+                scale_in_flight=(op is not None and not op.done)
+                or any(r.phase in ("spawning", "stopping") for r in recs),
+                min_replicas=svc.min_replicas,
+                max_replicas=svc.max_replicas,
+                reason=reason,
+            )
+        )
+    replicas = tuple(replica_view(r) for r in state.replicas.values())
+    return ConnectorView(
+        namespace=connector.namespace,
+        taken_at=time.time(),
+        components=tuple(components),
+        replicas=replicas,
+    )
