@@ -80,6 +80,31 @@ def terminate_group(pid: int, graceful_s: float) -> str:
     return "killed"
 
 
+def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
+    """SIGKILL every process still in the group ``pgid`` that a replica started.
+
+    When a replica's leader is already dead its children may live on, reparented and out of
+    reach of a tree walk, but still in its process group. Only processes created after the
+    replica (``not_before``) are touched, so a recycled group id never hits a stranger.
+    Blocking: call it in a thread.
+    """
+    killed: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            created = proc.info["create_time"]
+            if not_before is not None and created is not None and created + 0.01 < not_before:
+                continue
+            proc.kill()
+            killed.append(proc)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    if killed:
+        psutil.wait_procs(killed, timeout=5)
+    return [p.pid for p in killed]
+
+
 def wait_gone(pids: set[int], timeout_s: float) -> bool:
     """Block until none of ``pids`` runs (zombies count as gone)."""
     deadline = time.monotonic() + timeout_s

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -394,6 +394,8 @@ class Reconciler:
                 pid = await self._circus_start(rec, restart)
             except ExitedAtOnce:
                 # Gone before we could see it: circusd's reap event has its exit code.
+                if self.hooks.after_exit is not None:
+                    await self._run_hook(self.hooks.after_exit, rec)
                 await asyncio.sleep(self._reap_grace_s)
                 code = self._last_code_by_watcher.pop(rec.watcher, None)
                 await self._after_exit(rec, code, "exited at once: " + _describe_exit(code))
@@ -443,7 +445,7 @@ class Reconciler:
                 target, svc.readiness, discovery_probe=self.hooks.discovery_probe
             )
             span.set_attribute("dynamo_local.ready", ready)
-        if rec.pid != pid or rec.phase != "starting":
+        if rec.pid != pid or rec.phase != "starting" or (not ready and not target.alive()):
             return  # exited or being stopped meanwhile; those paths own the record now
         if ready:
             rec.phase = "ready"
@@ -479,9 +481,21 @@ class Reconciler:
         if rec is None or rec.pid != pid or rec.phase not in ("starting", "ready", "spawning"):
             return
         self._exit_watcher.unwatch(pid)
-        bg = asyncio.get_running_loop().create_task(self._handle_exit(rec, pid))
+        if self.hooks.after_exit is not None:
+            # Stale discovery entries go now, not after the exit code arrives.
+            self._spawn_background(self._run_hook(self.hooks.after_exit, rec))
+        self._spawn_background(self._handle_exit(rec, pid))
+
+    def _spawn_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        bg: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._background.add(bg)
         bg.add_done_callback(self._background.discard)
+
+    async def _run_hook(self, hook: ReplicaHook, rec: ReplicaRecord) -> None:
+        try:
+            await hook(rec)
+        except Exception:  # interop trouble must not stop the loop
+            log.exception("hook %s failed for %s", getattr(hook, "__name__", hook), rec.replica_id)
 
     def on_circus_event(self, watcher: str, event: str, data: dict[str, Any]) -> None:
         """Circus pub/sub: ``reap`` carries the exit code we cannot get from a pidfd."""
@@ -559,9 +573,6 @@ class Reconciler:
         else:
             rec.phase = "exited"
         await self.save()
-        if self.hooks.after_exit is not None:
-            with contextlib.suppress(Exception):
-                await self.hooks.after_exit(rec)
         if rec.phase == "exited" and rec.reservation is not None:
             await self._release(rec, {old_pid} if old_pid else set())
             rec.reservation = None
@@ -620,8 +631,7 @@ class Reconciler:
             self._exit_watcher.unwatch(pid)
         with step("drain", **attrs):
             if self.hooks.before_stop is not None:
-                with contextlib.suppress(Exception):
-                    await self.hooks.before_stop(rec)
+                await self._run_hook(self.hooks.before_stop, rec)
             if svc is not None and svc.drain_s > 0 and was_ready:
                 await asyncio.sleep(svc.drain_s)
         with step("stop", **attrs) as span:
@@ -633,8 +643,7 @@ class Reconciler:
             with contextlib.suppress(SupervisorUnavailable, CircusCommandError):
                 await self.channel.call("rm", name=rec.watcher, waiting=True)
         if self.hooks.after_exit is not None:
-            with contextlib.suppress(Exception):
-                await self.hooks.after_exit(rec)
+            await self._run_hook(self.hooks.after_exit, rec)
         if rec.reservation is not None:
             with step("release", **attrs):
                 await self._release(rec, pids)
@@ -672,8 +681,7 @@ class Reconciler:
         for rec in self.state.replicas.values():
             if rec.pid is not None:
                 self._exit_watcher.unwatch(rec.pid)
-                if procs.same_process(rec.pid, rec.create_time):
-                    await asyncio.to_thread(procs.terminate_group, rec.pid, 1.0)
+                await asyncio.to_thread(procs.kill_leftovers, rec.pid, rec.create_time)
         try:
             self.channel = await self._recover_supervisor()
         except ConnectorError as exc:
@@ -730,8 +738,8 @@ class Reconciler:
             if watcher in ours:
                 continue
             # The watcher is gone (circusd restarted): the process must not survive either.
-            if procs.same_process(rec.pid, rec.create_time) and rec.pid is not None:
-                await asyncio.to_thread(procs.terminate_group, rec.pid, 5.0)
+            if rec.pid is not None:
+                await asyncio.to_thread(procs.kill_leftovers, rec.pid, rec.create_time)
             report["lost"].append(rec.replica_id)
             if rec.phase == "stopping" or rec.component not in self.graph.services:
                 self.state.replicas.pop(watcher)
