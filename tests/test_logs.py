@@ -1,0 +1,43 @@
+"""Reading replica logs: tails, rotation, merging, and never outside the log folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connector.logs import merge_newest, read_replica_lines, tail_lines
+
+
+def test_tail_lines_reads_only_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    path.write_text("".join(f"line {i}\n" for i in range(100_000)))
+    assert tail_lines(path, 3) == ["line 99997", "line 99998", "line 99999"]
+    assert tail_lines(path, 0) == []
+    assert tail_lines(tmp_path / "missing.log", 5) == []
+
+
+def test_rotated_files_are_read_newest_last(tmp_path: Path) -> None:
+    base = tmp_path / "r.stdout.log"
+    (tmp_path / "r.stdout.log.2").write_text("a\nb\n")
+    (tmp_path / "r.stdout.log.1").write_text("c\nd\n")
+    base.write_text("e\n")
+    assert read_replica_lines(tmp_path, base, 4) == ["b", "c", "d", "e"]
+    assert read_replica_lines(tmp_path, base, 10) == ["a", "b", "c", "d", "e"]
+
+
+def test_paths_outside_the_log_folder_are_never_read(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert read_replica_lines(logs, secret, 10) == []
+    assert read_replica_lines(logs, logs / ".." / "secret.txt", 10) == []
+
+
+def test_merge_orders_by_timestamp_and_prefixes_replica() -> None:
+    a = ["2026-01-01T00:00:01.000000 [1] | a1", "2026-01-01T00:00:03.000000 [1] | a3"]
+    b = ["2026-01-01T00:00:02.000000 [2] | b2"]
+    merged = merge_newest([("D/1", a), ("D/2", b)], 2)
+    assert merged == [
+        "[D/2] 2026-01-01T00:00:02.000000 [2] | b2",
+        "[D/1] 2026-01-01T00:00:03.000000 [1] | a3",
+    ]
