@@ -1,0 +1,171 @@
+"""Readings from the optional sources other parts of the connector provide as plain dicts.
+
+The exporter does not import the resource manager, the discovery layer or the queue reader;
+it is handed callables that return dicts, and parses them here into typed, immutable
+readings. A dict of the wrong shape is a failed read with a message naming the key, never a
+silently wrong number.
+
+Shapes (keys not listed are ignored; keys marked optional may be absent or ``None``):
+
+machine view (``resources``)::
+
+    {"gpus": [{"uuid": "GPU-...", "state": "free" | "allocated" | "leaked"}, ...],
+     "free_gpus": int,                         # optional: else counted from "gpus"
+     "cpu": {"allocatable_cores": float, "reserved_cores": float},        # optional
+     "memory": {"allocatable_bytes": int, "reserved_bytes": int}}         # optional
+
+    A GPU entry without "state" is "allocated" when it has a non-empty "owners" list (or
+    "owner"), else "free".
+
+prefill queue (``nats``)::
+
+    {"status": "ok" | "unavailable" | ..., "reason": str,   # reason when not ok
+     "pending": int, "ack_pending": int, "redelivered": int, "consumers": int,
+     "stream_messages": int, "stream_bytes": int,
+     "enqueue_rate": float, "dequeue_rate": float,         # messages per second
+     "oldest_pending_age_s": float}                        # all optional
+
+discovery stats (``etcd``)::
+
+    {"instances": {"<component>": int, ...}, "stale_reaped_total": int}   # both optional
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.catalog import GPU_ALLOCATION_STATES
+
+
+class SourceFormatError(ValueError):
+    """A source returned a value the exporter cannot read."""
+
+
+@dataclass(frozen=True)
+class GpuAllocation:
+    uuid: str
+    state: str  # free | allocated | leaked
+
+
+@dataclass(frozen=True)
+class MachineAllocation:
+    gpus: tuple[GpuAllocation, ...]
+    free_gpus: int
+    cpu_allocatable_cores: float | None
+    cpu_reserved_cores: float | None
+    memory_allocatable_bytes: int | None
+    memory_reserved_bytes: int | None
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    pending: int | None
+    ack_pending: int | None
+    redelivered: int | None
+    consumers: int | None
+    stream_messages: int | None
+    stream_bytes: int | None
+    enqueue_rate: float | None
+    dequeue_rate: float | None
+    oldest_pending_age_s: float | None
+
+
+@dataclass(frozen=True)
+class DiscoveryReading:
+    instances: tuple[tuple[str, int], ...]  # (component, count), sorted by component
+    stale_reaped_total: int | None
+
+
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SourceFormatError(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str, what: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SourceFormatError(f"{what}: {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _count(data: Mapping[str, Any], key: str, what: str) -> int | None:
+    value = _number(data, key, what)
+    if value is None:
+        return None
+    if value < 0 or value != int(value):
+        raise SourceFormatError(f"{what}: {key!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_machine_view(value: Any) -> MachineAllocation:
+    what = "machine view"
+    data = _mapping(value, what)
+    raw_gpus = data.get("gpus", [])
+    if not isinstance(raw_gpus, list | tuple):
+        raise SourceFormatError(f"{what}: 'gpus' must be a list, got {type(raw_gpus).__name__}")
+    gpus: list[GpuAllocation] = []
+    for i, raw in enumerate(raw_gpus):
+        entry = _mapping(raw, f"{what}: gpus[{i}]")
+        uuid = entry.get("uuid")
+        if not isinstance(uuid, str) or not uuid:
+            raise SourceFormatError(f"{what}: gpus[{i}] has no 'uuid'")
+        state = entry.get("state")
+        if state is None:
+            owners = entry.get("owners") or entry.get("owner")
+            state = "allocated" if owners else "free"
+        if state not in GPU_ALLOCATION_STATES:
+            allowed = ", ".join(GPU_ALLOCATION_STATES)
+            raise SourceFormatError(f"{what}: gpus[{i}] state {state!r} is not one of {allowed}")
+        gpus.append(GpuAllocation(uuid, str(state)))
+    free = _count(data, "free_gpus", what)
+    cpu = _mapping(data.get("cpu") or {}, f"{what}: 'cpu'")
+    memory = _mapping(data.get("memory") or {}, f"{what}: 'memory'")
+    return MachineAllocation(
+        gpus=tuple(sorted(gpus, key=lambda g: g.uuid)),
+        free_gpus=free if free is not None else sum(g.state == "free" for g in gpus),
+        cpu_allocatable_cores=_number(cpu, "allocatable_cores", f"{what}: cpu"),
+        cpu_reserved_cores=_number(cpu, "reserved_cores", f"{what}: cpu"),
+        memory_allocatable_bytes=_count(memory, "allocatable_bytes", f"{what}: memory"),
+        memory_reserved_bytes=_count(memory, "reserved_bytes", f"{what}: memory"),
+    )
+
+
+class SourceUnavailable(RuntimeError):
+    """The source answered, and said it cannot give numbers now (e.g. NATS is down)."""
+
+
+def parse_queue(value: Any) -> QueueReading:
+    what = "prefill queue"
+    data = _mapping(value, what)
+    status = data.get("status", "ok")
+    if status != "ok":
+        reason = data.get("reason") or "no reason given"
+        raise SourceUnavailable(f"prefill queue is {status}: {reason}")
+    return QueueReading(
+        pending=_count(data, "pending", what),
+        ack_pending=_count(data, "ack_pending", what),
+        redelivered=_count(data, "redelivered", what),
+        consumers=_count(data, "consumers", what),
+        stream_messages=_count(data, "stream_messages", what),
+        stream_bytes=_count(data, "stream_bytes", what),
+        enqueue_rate=_number(data, "enqueue_rate", what),
+        dequeue_rate=_number(data, "dequeue_rate", what),
+        oldest_pending_age_s=_number(data, "oldest_pending_age_s", what),
+    )
+
+
+def parse_discovery(value: Any) -> DiscoveryReading:
+    what = "discovery stats"
+    data = _mapping(value, what)
+    instances = _mapping(data.get("instances") or {}, f"{what}: 'instances'")
+    counts: list[tuple[str, int]] = []
+    for component in sorted(instances):
+        count = _count(instances, component, f"{what}: instances")
+        if count is not None:
+            counts.append((str(component), count))
+    return DiscoveryReading(tuple(counts), _count(data, "stale_reaped_total", what))
