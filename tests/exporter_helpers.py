@@ -240,3 +240,10 @@ def samples(text: str) -> dict[str, float]:
 
 def series_with(text: str, *fragments: str) -> dict[str, float]:
     return {k: v for k, v in samples(text).items() if all(f in k for f in fragments)}
+
+
+def key(name: str, **labels: str) -> str:
+    """The exposed series name for ``labels`` (prometheus_client sorts label names)."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
