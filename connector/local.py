@@ -102,6 +102,7 @@ class LocalConnector:
         self._channel: CircusChannel | None = None
         self._circus_events: CircusEvents | None = None
         self._initialized = False
+        self._started_circusd = False
         self._closed = False
         self._extensions: list[Any] = []  # started after the loop, stopped before it
 
@@ -150,7 +151,9 @@ class LocalConnector:
         try:
             await self._initialize_locked()
         except BaseException:
-            await self._teardown(detach=True)
+            # A circusd we started just now must not outlive a failed start; one we
+            # re-attached to keeps running the replicas it already had.
+            await self._teardown(detach=not self._started_circusd)
             raise
         self._initialized = True
 
@@ -221,6 +224,7 @@ class LocalConnector:
                 self._circusd = await start_circusd(
                     self.working_dir / "circus", check_delay=opts.circus_check_delay_s
                 )
+                self._started_circusd = True
         self.state.circusd = self._circusd.to_dict()
         self._channel = CircusChannel(self._circusd.endpoint)
         await self._channel.call("list")  # fail now, clearly, if it does not answer
@@ -286,7 +290,7 @@ class LocalConnector:
         with contextlib.suppress(Exception):
             await self.store.save(self.state)
         await self.events.aclose()
-        self.store.release()
+        await asyncio.to_thread(self.store.close)
 
     async def _stop_all(self, rec: Reconciler) -> None:
         # Drain and stop every replica concurrently, through the same path as a scale-down.

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,7 +97,9 @@ class StateStore:
         self.path = working_dir / "state.json"
         self._lock_path = working_dir / "connector.lock"
         self._lock_fd: int | None = None
-        self._write_lock = asyncio.Lock()
+        # One writer thread: saves land in the order they were asked for, and a cancelled
+        # caller can never let a second write race the first over the temp file.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
 
     def acquire(self) -> None:
         """Take the namespace lock or raise :class:`NamespaceLocked` naming the holder."""
@@ -147,5 +150,9 @@ class StateStore:
     async def save(self, state: ConnectorState) -> None:
         # Serialize on the loop (a consistent snapshot), write in a thread.
         text = state.model_dump_json(indent=1)
-        async with self._write_lock:
-            await asyncio.to_thread(self._write, text)
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self._writer, self._write, text))
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.release()
