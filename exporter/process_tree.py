@@ -56,15 +56,53 @@ class ProcessTable(Protocol):
 
 
 class PsutilProcessTable:
-    """The real :class:`ProcessTable`: psutil, with Process objects cached across cycles."""
+    """The real :class:`ProcessTable`: psutil, with Process objects cached across cycles.
 
-    def __init__(self) -> None:
+    The parent map is the one bulk read (every process on the machine, every cycle). psutil
+    has no public bulk call for it (``process_iter`` builds an object and reads each process
+    twice), so on Linux it is one read of ``/proc/<pid>/stat`` per process, which also
+    yields the start time that tells a recycled pid from the process cached under it. Per
+    process numbers come from psutil inside ``oneshot``.
+    """
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._proc_root = proc_root
+        self._raw = os.path.isdir(os.path.join(proc_root, "self"))
         self._procs: dict[int, psutil.Process] = {}
+        self._started: dict[int, bytes] = {}
         # smaps_rollup makes PSS/USS a single small read; without it psutil parses the whole
         # smaps file, which is too slow to do for every process of every replica.
-        self.detail_supported = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+        self.detail_supported = os.path.exists(os.path.join(proc_root, "self", "smaps_rollup"))
 
     def parents(self) -> dict[int, int]:
+        if not self._raw:
+            return self._parents_psutil()
+        out: dict[int, int] = {}
+        started: dict[int, bytes] = {}
+        for name in os.listdir(self._proc_root):
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(self._proc_root, name, "stat"), "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # exited while we listed
+            # Fields after the command name (which may hold spaces and parentheses):
+            # state ppid ... starttime is field 22, i.e. index 19 after the ')'.
+            fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
+            pid = int(name)
+            out[pid] = int(fields[1])
+            started[pid] = fields[19]
+        # Forget cached objects of processes that are gone or whose pid was reused.
+        self._procs = {
+            pid: proc
+            for pid, proc in self._procs.items()
+            if self._started.get(pid) == started.get(pid)
+        }
+        self._started = started
+        return out
+
+    def _parents_psutil(self) -> dict[int, int]:
         out: dict[int, int] = {}
         procs: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter():

@@ -9,7 +9,6 @@ deadline). A scrape renders the latest snapshot and never calls any of this.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -127,10 +126,8 @@ class Sampler:
         # NVML call cannot pile up threads.
         self._busy: dict[str, asyncio.Future[Any]] = {}
         self.latest: Snapshot | None = None
-        self._listeners: list[Callable[[Snapshot], None]] = []
-
-    def on_snapshot(self, fn: Callable[[Snapshot], None]) -> None:
-        self._listeners.append(fn)
+        # Runs in a worker thread after each snapshot (the exposition pre-renders there).
+        self.after_snapshot: Callable[[Snapshot], None] | None = None
 
     async def run(self) -> None:
         """Sample every ``interval_s`` until cancelled (fixed cadence, no drift)."""
@@ -178,9 +175,11 @@ class Sampler:
             collection_cpu_seconds_total=self._cpu_total,
         )
         self.latest = snapshot
-        for fn in list(self._listeners):
-            with contextlib.suppress(Exception):
-                fn(snapshot)
+        if self.after_snapshot is not None:
+            try:
+                await asyncio.to_thread(self.after_snapshot, snapshot)
+            except Exception:  # rendering problems must not stop sampling
+                log.exception("exporter: post-snapshot rendering failed")
         return snapshot
 
     def _read_view(self) -> tuple[ConnectorView, bool]:

@@ -24,8 +24,9 @@ from opentelemetry.metrics import MeterProvider
 from prometheus_client.registry import CollectorRegistry
 
 from connector.events import Event
-from connector.view import ConnectorReader, ConnectorView
-from exporter.collector import SnapshotCollector, render
+from connector.view import ConnectorReader
+from exporter.collector import RowCache, SnapshotCollector
+from exporter.exposition import Exposition
 from exporter.gpu_types import GpuSource
 from exporter.http import metrics_handler
 from exporter.otel_metrics import OtelMetrics
@@ -42,15 +43,17 @@ class Exporter:
         self.reader = reader
         self.sampler = sampler
         self._clock = clock
-        self._view: ConnectorView | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
         self._otel: OtelMetrics | None = None
         self.scaling = ScalingMetrics(self._namespace_of, on_scale=self._record_scale)
+        rows = RowCache()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(self.latest_snapshot, self.current_view, clock))
+        self.registry.register(SnapshotCollector(self.latest_snapshot, rows, clock))
         self.registry.register(self.scaling)
-        self.handle_metrics = metrics_handler(self)
+        self.exposition = Exposition(self.latest_snapshot, rows, self.scaling, clock)
+        sampler.after_snapshot = self.exposition.prerender
+        self.handle_metrics = metrics_handler(self.exposition)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,23 +91,12 @@ class Exporter:
     def latest_snapshot(self) -> Snapshot | None:
         return self.sampler.latest
 
-    def refresh_view(self) -> None:
-        """Take the connector's view now (cheap, in memory). Call on the connector's loop."""
-        with contextlib.suppress(Exception):
-            self._view = self.reader.view()
-
-    def current_view(self) -> ConnectorView:
-        """The newest view available without calling into the connector."""
-        snapshot = self.sampler.latest
-        view = self._view
-        if snapshot is not None and (view is None or snapshot.view.taken_at >= view.taken_at):
-            return snapshot.view
-        return view if view is not None else empty_view()
-
     def component_metrics(self, name: str) -> dict[str, Any]:
         """Usage of one component from the latest snapshot (what the connector's
         ``get_component_metrics`` and ``get_resource_usage`` return)."""
-        return component_usage(self.latest_snapshot(), self.current_view(), name, self._clock())
+        snapshot = self.latest_snapshot()
+        view = snapshot.view if snapshot is not None else empty_view()
+        return component_usage(snapshot, view, name, self._clock())
 
     def instrument_otel(self, meter_provider: MeterProvider | None) -> None:
         """Export the catalog through OTel metrics too (no-op for ``None``)."""
@@ -113,23 +105,21 @@ class Exporter:
         self._otel = OtelMetrics(meter_provider, self.registry.collect)
 
     def _namespace_of(self, component: str | None) -> str:
-        view = self.current_view()
+        snapshot = self.latest_snapshot()
+        view = snapshot.view if snapshot is not None else None
+        if view is None:
+            with contextlib.suppress(Exception):
+                view = self.reader.view()
+        if view is None:
+            return ""
         found = view.component(component) if component else None
         if found is not None and found.dynamo_namespace:
             return found.dynamo_namespace
-        if view.namespace:
-            return view.namespace
-        with contextlib.suppress(Exception):
-            return self.reader.view().namespace
-        return ""
+        return view.namespace
 
     def _record_scale(self, event: Event, labels: dict[str, str]) -> None:
         if self._otel is not None and event.duration_s is not None:
             self._otel.record_scale(event.duration_s, labels)
-
-    def render_now(self) -> list[Any]:
-        """The snapshot families as a scrape would render them (for tests and tools)."""
-        return render(self.latest_snapshot(), self.current_view(), self._clock())
 
 
 def build_exporter(

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
+from exporter.exposition import Format, negotiate
 from exporter.http import add_metrics_route
 from exporter.service import Exporter
 from tests.exporter_helpers import (
@@ -19,11 +22,13 @@ from tests.exporter_helpers import (
     component,
     key,
     samples,
+    series_with,
     view_of,
 )
 from tests.test_exporter_sampling import _setup
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+LABELS = {"dynamo_namespace": "demo", "dynamo_component": "decode"}
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
 
@@ -39,7 +44,7 @@ class Served:
 async def served() -> AsyncIterator[Served]:
     reader, table, _, exporter = _setup(interval_s=3600.0)  # no periodic sample during a test
     app = web.Application()
-    add_metrics_route(app, exporter)
+    add_metrics_route(app, exporter.exposition)
     await exporter.start()
     reader.events.emit(
         "scale", component="decode", source="api", from_replicas=0, to_replicas=2,
@@ -63,8 +68,7 @@ async def test_prometheus_text_by_default(served: Served) -> None:
     assert "# EOF" not in text
     assert " # {" not in text  # no exemplars in the classic format
     values = samples(text)
-    labels = {"dynamo_namespace": "demo", "dynamo_component": "decode"}
-    assert values[key("dynamo_local_component_replicas_desired", **labels)] == 2
+    assert values[key("dynamo_local_component_replicas_desired", **LABELS)] == 2
 
 
 async def test_openmetrics_carries_trace_id_exemplars(served: Served) -> None:
@@ -93,15 +97,51 @@ async def test_gzip_when_accepted(served: Served) -> None:
     assert "dynamo_local_component_replicas_desired" in body
 
 
-async def test_scrape_takes_a_fresh_view_but_never_samples(
-    served: Served,
-) -> None:
+async def test_scrapes_render_the_latest_snapshot_and_never_sample(served: Served) -> None:
     snapshot = served.exporter.latest_snapshot()
     assert snapshot is not None
-    before = served.table.calls
+    before, view_calls = served.table.calls, served.reader.view_calls
     served.reader.set_view(view_of((component("decode", desired=5),), (), taken_at=99.0))
-    text = await (await served.client.get("/metrics")).text()
-    assert served.table.calls == before
+    desired = key("dynamo_local_component_replicas_desired", **LABELS)
+    for _ in range(3):
+        text = await (await served.client.get("/metrics")).text()
+        assert samples(text)[desired] == 2  # the snapshot's view, not a fresh one
+    assert (served.table.calls, served.reader.view_calls) == (before, view_calls)
     assert served.exporter.latest_snapshot() is snapshot
-    labels = {"dynamo_namespace": "demo", "dynamo_component": "decode"}
-    assert samples(text)[key("dynamo_local_component_replicas_desired", **labels)] == 5
+    await served.exporter.sample_once()
+    text = await (await served.client.get("/metrics")).text()
+    assert samples(text)[desired] == 5
+    assert not series_with(text, "replica_cpu_seconds_total")  # replicas gone from the view
+
+
+def test_content_negotiation() -> None:
+    assert negotiate("") is Format.TEXT
+    assert negotiate("text/plain;version=0.0.4") is Format.TEXT
+    assert negotiate("text/plain;version=1.0.0;escaping=underscores") is Format.TEXT
+    assert negotiate(OPENMETRICS) is Format.OPENMETRICS
+    assert negotiate("application/openmetrics-text") is Format.OPENMETRICS
+    assert negotiate("application/openmetrics-text;version=0.0.1") is Format.TEXT
+    assert negotiate("application/openmetrics-text;q=0,text/plain") is Format.TEXT
+
+
+async def test_fast_renderer_matches_prometheus_client_byte_for_byte() -> None:
+    reader, table, _, exporter = _setup(
+        machine_view=lambda: {"gpus": [{"uuid": "GPU-a", "state": "free"}]},
+        discovery_stats=lambda: {"instances": {"decode": 2}, "stale_reaped_total": 1},
+    )
+    table.bump(100, command='python -c "print(1)" C:\\dir\nnext')  # needs escaping
+    await exporter.start()
+    try:
+        reader.events.emit(
+            "scale", component="decode", source="api", from_replicas=2, to_replicas=1,
+            outcome="ok", duration_s=12345678.5, trace_id=TRACE_ID,
+        )  # fmt: skip
+        await exporter.sample_once()
+        assert exporter.exposition.render(Format.TEXT).encode() == generate_latest(
+            exporter.registry
+        )
+        assert exporter.exposition.render(Format.OPENMETRICS).encode() == openmetrics_latest(
+            exporter.registry
+        )
+    finally:
+        await exporter.stop()
