@@ -209,7 +209,10 @@ class Tree:
 
 
 def spawn_tree(children: int) -> Tree:
-    """``sh`` whose ``children`` sleeping children all exist when this returns."""
+    """``sh`` whose ``children`` sleeping children all exist when this returns (a lone
+    ``sleep`` for 0)."""
+    if children == 0:
+        return Tree(subprocess.Popen(["sleep", "600"]))
     script = " ".join(["sleep 600 &"] * children) + " wait"
     tree = Tree(subprocess.Popen(["sh", "-c", script]))
     deadline = time.monotonic() + 10
