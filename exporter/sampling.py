@@ -128,6 +128,7 @@ class Sampler:
         self.latest: Snapshot | None = None
         # Runs in a worker thread after each snapshot (the exposition pre-renders there).
         self.after_snapshot: Callable[[Snapshot], None] | None = None
+        self._cycle_lock: asyncio.Lock | None = None
 
     async def run(self) -> None:
         """Sample every ``interval_s`` until cancelled (fixed cadence, no drift)."""
@@ -145,6 +146,13 @@ class Sampler:
             await asyncio.sleep(next_at - now)
 
     async def sample_once(self) -> Snapshot:
+        """One cycle. Cycles never overlap: a call during a running cycle waits for it."""
+        if self._cycle_lock is None:
+            self._cycle_lock = asyncio.Lock()
+        async with self._cycle_lock:
+            return await self._cycle()
+
+    async def _cycle(self) -> Snapshot:
         taken_at = self._clock()
         view, view_ok = self._read_view()
         roots = [
