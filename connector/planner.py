@@ -1,0 +1,568 @@
+"""Dynamo Planner interop: its target types and the "virtual connector" executor.
+
+The Planner in *virtual* mode does not scale anything itself. Its coordinator writes the
+decision into etcd under ``v1/{ns}/planner/`` (DESIGN.md §3, Dynamo's
+``VirtualConnectorCoordinator``): first the counts that changed (``num_prefill_workers``,
+``num_decode_workers``, decimal strings), then ``decision_id`` (0, 1, 2, ...). Before its
+next decision it waits until ``scaled_decision_id`` >= ``decision_id``.
+
+:class:`VirtualConnectorExecutor` is the other side: it watches the prefix, hands every new
+decision to an ``apply`` callback (which scales the graph's prefill and decode components)
+and then writes ``scaled_decision_id``, bound to a lease of its own that it keeps alive, so
+the acknowledgement disappears when the connector does.
+
+**Every decision is acknowledged, also one that failed or was met only in part** (not
+enough GPUs, a component in crash loop). The Planner cannot tell "not done yet" from "cannot
+be done": an unacknowledged decision just stalls it until its own timeout, after which it
+proceeds anyway, having learnt nothing. Acknowledging at once lets it observe the counts
+that really run (through its metrics and ``get_actual_worker_counts``) and decide again;
+what could not be met is recorded as a ``decision`` event with outcome ``partial`` or
+``failed`` and the reason, where people and alerts see it.
+
+Decisions that arrive while one is being applied are coalesced: when the current one is
+done, the executor reads the keys again and applies only the newest. Two are never applied
+at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aetcd
+
+from connector.discovery_etcd import etcd_endpoint
+from connector.errors import (
+    ComponentNotFound,
+    ConnectorError,
+    DiscoveryUnavailable,
+    GraphError,
+    ResourcesExhausted,
+)
+from connector.events import EventLog
+from connector.graph import Graph, Service, SubComponentType
+
+__all__ = [
+    "DecisionOutcome",
+    "PlannerDecision",
+    "SubComponentType",
+    "TargetReplica",
+    "VirtualConnectorExecutor",
+    "apply_decision",
+    "resolve_component",
+    "resolve_targets",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------- Planner types
+
+
+@dataclass(kw_only=True)
+class TargetReplica:
+    """One scaling target, field-compatible with Dynamo's ``TargetReplica``."""
+
+    sub_component_type: SubComponentType
+    component_name: str | None = None
+    desired_replicas: int
+
+    @classmethod
+    def from_any(cls, obj: Any) -> TargetReplica:
+        """Accept ours, Dynamo's (pydantic, its own enum) or a mapping with the same fields."""
+        if isinstance(obj, cls):
+            return obj
+
+        def get(name: str) -> Any:
+            if isinstance(obj, Mapping):
+                return obj.get(name)
+            return getattr(obj, name, None)
+
+        sub = get("sub_component_type")
+        sub = getattr(sub, "value", sub)
+        try:
+            sub_type = SubComponentType(str(sub))
+        except ValueError:
+            raise GraphError(
+                f"sub_component_type must be 'prefill' or 'decode', got {sub!r}"
+            ) from None
+        replicas = get("desired_replicas")
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            raise GraphError(f"desired_replicas must be an integer, got {replicas!r}")
+        name = get("component_name")
+        if name is not None and not isinstance(name, str):
+            raise GraphError(f"component_name must be a string, got {name!r}")
+        return cls(sub_component_type=sub_type, component_name=name, desired_replicas=replicas)
+
+
+def resolve_component(
+    graph: Graph, sub_type: SubComponentType, component_name: str | None = None
+) -> Service:
+    """The graph service for a Planner target: by name if given (it must have that
+    sub-type), else the only service with ``subComponentType`` ``sub_type``."""
+    if component_name is not None:
+        svc = graph.services.get(component_name)
+        if svc is None:
+            # Dynamo's Planner may name the Dynamo component (lowercase) rather than the
+            # service; accept either when it is unambiguous.
+            matches = [
+                s
+                for s in graph.by_sub_type(sub_type)
+                if (s.readiness.component or s.name.lower()) == component_name
+            ]
+            if len(matches) == 1:
+                return matches[0]
+            raise ComponentNotFound(
+                f"graph {graph.name!r} has no component {component_name!r}",
+                component=component_name,
+            )
+        if svc.sub_component_type is not sub_type:
+            actual = svc.sub_component_type.value if svc.sub_component_type else "unset"
+            raise ComponentNotFound(
+                f"component {component_name!r} is not a {sub_type.value} worker "
+                f"(its subComponentType is {actual})",
+                component=component_name,
+            )
+        return svc
+    found = graph.by_sub_type(sub_type)
+    if not found:
+        raise ComponentNotFound(
+            f"graph {graph.name!r} has no component with subComponentType {sub_type.value}",
+            sub_component_type=sub_type.value,
+        )
+    if len(found) > 1:
+        names = ", ".join(sorted(s.name for s in found))
+        raise GraphError(
+            f"graph {graph.name!r} has several {sub_type.value} components ({names}); "
+            "name one with component_name",
+            sub_component_type=sub_type.value,
+            components=sorted(s.name for s in found),
+        )
+    return found[0]
+
+
+def resolve_targets(graph: Graph, targets: Iterable[Any]) -> dict[str, int]:
+    """Planner targets -> {service name: replicas}. Raises if two targets hit one service."""
+    out: dict[str, int] = {}
+    for raw in targets:
+        target = TargetReplica.from_any(raw)
+        svc = resolve_component(graph, target.sub_component_type, target.component_name)
+        if svc.name in out:
+            raise GraphError(f"two targets for component {svc.name!r}", component=svc.name)
+        out[svc.name] = target.desired_replicas
+    return out
+
+
+# ------------------------------------------------------------------ decisions
+
+
+@dataclass(frozen=True)
+class DecisionOutcome:
+    """What applying a decision achieved. ``applied``: sub-type -> replica target set."""
+
+    outcome: str  # ok | partial | failed
+    reason: str | None = None
+    applied: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannerDecision:
+    """The Planner's keys as read in one etcd request."""
+
+    decision_id: int
+    num_prefill_workers: int | None
+    num_decode_workers: int | None
+    create_revision: int  # of the decision_id key: a new Planner re-creates it
+    errors: tuple[str, ...] = ()  # keys whose value is not a decimal integer
+
+
+ApplyFn = Callable[[int | None, int | None, int], Awaitable[DecisionOutcome]]
+
+
+class Scaler(Protocol):
+    """The part of LocalConnector that :func:`apply_decision` drives."""
+
+    async def scale_component(
+        self,
+        name: str,
+        replicas: int,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        source: str = "api",
+        decision_id: int | None = None,
+    ) -> bool: ...
+
+
+async def apply_decision(
+    graph: Graph,
+    scaler: Scaler,
+    num_prefill: int | None,
+    num_decode: int | None,
+    decision_id: int,
+    *,
+    timeout_s: float | None = None,
+) -> DecisionOutcome:
+    """Scale the graph's prefill and decode components (concurrently, blocking until ready)
+    and report: ``ok`` (all met), ``partial`` (some met or some progress) or ``failed``."""
+    parts: list[tuple[SubComponentType, int]] = [
+        (sub, n)
+        for sub, n in (
+            (SubComponentType.PREFILL, num_prefill),
+            (SubComponentType.DECODE, num_decode),
+        )
+        if n is not None
+    ]
+
+    async def one(sub: SubComponentType, n: int) -> tuple[str, int | None, str | None]:
+        """(ok|partial|failed, replica target set, reason)."""
+        try:
+            svc = resolve_component(graph, sub)
+        except ConnectorError as exc:
+            if n == 0 and isinstance(exc, ComponentNotFound):
+                return "ok", None, None  # nothing asked of a component we do not have
+            return "failed", None, exc.message
+        try:
+            ok = await scaler.scale_component(
+                svc.name,
+                n,
+                blocking=True,
+                timeout_s=timeout_s,
+                source="planner",
+                decision_id=decision_id,
+            )
+        except ResourcesExhausted as exc:
+            target = exc.details.get("target")
+            started = exc.details.get("started") or []
+            status = "partial" if started else "failed"
+            return status, target if isinstance(target, int) else None, f"{svc.name}: {exc.message}"
+        except ConnectorError as exc:
+            return "failed", None, f"{svc.name}: {exc.message}"
+        if not ok:
+            return "partial", n, f"{svc.name}: {n} replicas not all ready before the timeout"
+        return "ok", n, None
+
+    results = await asyncio.gather(*(one(sub, n) for sub, n in parts))
+    applied = {
+        sub.value: target
+        for (sub, _), (_, target, _) in zip(parts, results, strict=True)
+        if target is not None
+    }
+    statuses = [status for status, _, _ in results]
+    reasons = [reason for _, _, reason in results if reason]
+    if all(s == "ok" for s in statuses):
+        return DecisionOutcome("ok", None, applied)
+    outcome = "failed" if all(s == "failed" for s in statuses) else "partial"
+    return DecisionOutcome(outcome, "; ".join(reasons), applied)
+
+
+def _parse_count(raw: bytes | None, name: str, errors: list[str]) -> int | None:
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace").strip()
+    if text.isdigit():
+        return int(text)
+    errors.append(f"{name} is not a decimal integer: {text!r}")
+    return None
+
+
+class VirtualConnectorExecutor:
+    """Executes the Planner's virtual-connector decisions for one Dynamo namespace."""
+
+    def __init__(
+        self,
+        etcd_url: str,
+        namespace: str,
+        apply: ApplyFn,
+        events: EventLog | None = None,
+        *,
+        lease_ttl_s: int = 10,
+        rpc_timeout_s: float = 2.0,
+        retry_s: float = 0.5,
+    ) -> None:
+        self.etcd_url = etcd_url
+        self.namespace = namespace
+        self.prefix = f"v1/{namespace}/planner/"
+        self.ack_key = self.prefix + "scaled_decision_id"
+        self._decision_key = self.prefix + "decision_id"
+        self._apply = apply
+        self._events = events
+        self.lease_ttl_s = lease_ttl_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.retry_s = retry_s
+        self.host, self.port = etcd_endpoint(etcd_url)
+        self._client: Any = None
+        self.lease_id: int | None = None
+        # (create_revision of decision_id, decision id) last acknowledged.
+        self._handled: tuple[int, int] | None = None
+        self.last_outcome: DecisionOutcome | None = None
+        self.last_decision: PlannerDecision | None = None
+        self.applying: int | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect, take a lease, pick up a decision left pending, then watch."""
+        self._client = aetcd.Client(self.host, self.port, timeout=self.rpc_timeout_s)
+        try:
+            await self._grant_lease()
+            revision = await self._load_baseline()
+            watch = await self._client.watch_prefix(
+                self.prefix.encode(), start_revision=revision + 1
+            )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+            raise DiscoveryUnavailable(
+                f"Planner executor: etcd at {self.etcd_url} is not reachable: "
+                f"{exc or type(exc).__name__}",
+                url=self.etcd_url,
+            ) from exc
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch_loop(watch), name="planner-watch"),
+            loop.create_task(self._worker(), name="planner-apply"),
+            loop.create_task(self._keepalive(), name="planner-lease"),
+        ]
+        self._wake.set()  # a decision pending from before we started is handled once
+
+    async def close(self) -> None:
+        """Stop; the lease is revoked, so the acknowledgement goes with the executor."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._client is not None:
+            if self.lease_id is not None:
+                with contextlib.suppress(Exception):
+                    await self._client.revoke_lease(self.lease_id)
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+
+    def status(self) -> dict[str, Any]:
+        """For the API and the status page."""
+        out: dict[str, Any] = {
+            "namespace": self.namespace,
+            "prefix": self.prefix,
+            "lease_id": self.lease_id,
+            "acknowledged": self._handled[1] if self._handled else None,
+            "applying": self.applying,
+        }
+        if self.last_decision is not None:
+            out["last_decision"] = {
+                "decision_id": self.last_decision.decision_id,
+                "num_prefill_workers": self.last_decision.num_prefill_workers,
+                "num_decode_workers": self.last_decision.num_decode_workers,
+            }
+        if self.last_outcome is not None:
+            out["last_outcome"] = {
+                "outcome": self.last_outcome.outcome,
+                "reason": self.last_outcome.reason,
+                "applied": dict(self.last_outcome.applied),
+            }
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    async def _grant_lease(self) -> None:
+        lease = await self._client.lease(self.lease_ttl_s)
+        self.lease_id = int(lease.id)
+
+    async def _load_baseline(self) -> int:
+        """Take an acknowledgement already in etcd (ours from before a restart) as handled,
+        re-bound to our lease. Returns the revision the listing was taken at."""
+        listing = await self._client.get_prefix(self.prefix.encode())
+        values = {kv.key.decode(errors="replace"): kv for kv in listing}
+        decision_kv = values.get(self._decision_key)
+        ack_kv = values.get(self.ack_key)
+        ack = _parse_count(ack_kv.value if ack_kv else None, "scaled_decision_id", [])
+        if ack is not None and decision_kv is not None:
+            decision = _parse_count(decision_kv.value, "decision_id", [])
+            if decision is not None and decision <= ack:
+                self._handled = (decision_kv.create_revision, decision)
+        if ack is not None:
+            # Its old lease dies with the old process; the Planner must keep seeing it.
+            await self._client.put(self.ack_key.encode(), str(ack).encode(), lease=self.lease_id)
+        return int(listing.header.revision)
+
+    async def _read_decision(self) -> PlannerDecision | None:
+        listing = await self._client.get_prefix(self.prefix.encode())
+        values = {kv.key.decode(errors="replace"): kv for kv in listing}
+        decision_kv = values.get(self._decision_key)
+        if decision_kv is None:
+            return None
+        errors: list[str] = []
+        decision_id = _parse_count(decision_kv.value, "decision_id", errors)
+        if decision_id is None:
+            log.warning("Planner executor: %s: %s", self._decision_key, errors[0])
+            return None
+        prefill_kv = values.get(self.prefix + "num_prefill_workers")
+        decode_kv = values.get(self.prefix + "num_decode_workers")
+        return PlannerDecision(
+            decision_id=decision_id,
+            num_prefill_workers=_parse_count(
+                prefill_kv.value if prefill_kv else None, "num_prefill_workers", errors
+            ),
+            num_decode_workers=_parse_count(
+                decode_kv.value if decode_kv else None, "num_decode_workers", errors
+            ),
+            create_revision=int(decision_kv.create_revision),
+            errors=tuple(errors),
+        )
+
+    def _is_new(self, decision: PlannerDecision) -> bool:
+        if self._handled is None:
+            return True
+        create_revision, decision_id = self._handled
+        # A re-created key is a new Planner counting from 0 again.
+        return decision.create_revision != create_revision or decision.decision_id > decision_id
+
+    # ------------------------------------------------------------------ loops
+
+    async def _watch_loop(self, watch: Any) -> None:
+        while True:
+            try:
+                async for event in watch:
+                    key = event.kv.key.decode(errors="replace")
+                    if key != self._decision_key:
+                        continue
+                    if event.kind == "DELETE":
+                        await self._planner_gone()
+                    self._wake.set()
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+                raise
+            except Exception as exc:
+                log.warning("Planner executor: watch on %s broke: %s", self.prefix, exc)
+            # Re-list and watch again; a decision missed meanwhile is picked up by the wake.
+            watch = await self._rewatch()
+            self._wake.set()
+
+    async def _rewatch(self) -> Any:
+        while True:
+            try:
+                listing = await self._client.get_prefix(self.prefix.encode())
+                if not any(kv.key.decode(errors="replace") == self._decision_key for kv in listing):
+                    await self._planner_gone()
+                return await self._client.watch_prefix(
+                    self.prefix.encode(), start_revision=int(listing.header.revision) + 1
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("Planner executor: etcd still unreachable: %s", exc)
+                await asyncio.sleep(self.retry_s)
+
+    async def _planner_gone(self) -> None:
+        """The Planner's keys went with its lease. Drop our acknowledgement, so a Planner that
+        starts again (counting from 0) waits for us instead of reading a stale, higher id."""
+        if self._handled is None:
+            return
+        self._handled = None
+        with contextlib.suppress(Exception):
+            await self._client.delete(self.ack_key.encode())
+
+    async def _worker(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                try:
+                    decision = await self._read_decision()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("Planner executor: reading the decision failed: %s", exc)
+                    await asyncio.sleep(self.retry_s)
+                    continue
+                if decision is None or not self._is_new(decision):
+                    break
+                await self._handle(decision)
+
+    async def _handle(self, decision: PlannerDecision) -> None:
+        self.last_decision = decision
+        self.applying = decision.decision_id
+        started = time.monotonic()
+        try:
+            if decision.errors:
+                outcome = DecisionOutcome("failed", "; ".join(decision.errors))
+            else:
+                outcome = await self._apply(
+                    decision.num_prefill_workers, decision.num_decode_workers, decision.decision_id
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("Planner executor: applying decision %d failed", decision.decision_id)
+            outcome = DecisionOutcome("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.applying = None
+        await self._acknowledge(decision)
+        self.last_outcome = outcome
+        if self._events is not None:
+            self._events.emit(
+                "decision",
+                source="planner",
+                outcome=outcome.outcome,
+                reason=outcome.reason,
+                duration_s=time.monotonic() - started,
+                details={
+                    "decision_id": decision.decision_id,
+                    "num_prefill_workers": decision.num_prefill_workers,
+                    "num_decode_workers": decision.num_decode_workers,
+                    "applied": dict(outcome.applied),
+                },
+            )
+
+    async def _acknowledge(self, decision: PlannerDecision) -> None:
+        """Write ``scaled_decision_id`` on our lease; retried until etcd takes it."""
+        while True:
+            try:
+                await self._client.put(
+                    self.ack_key.encode(),
+                    str(decision.decision_id).encode(),
+                    lease=self.lease_id,
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "Planner executor: acknowledging %d failed: %s", decision.decision_id, exc
+                )
+                await asyncio.sleep(self.retry_s)
+        self._handled = (decision.create_revision, decision.decision_id)
+
+    async def _keepalive(self) -> None:
+        """Refresh the lease at a third of its TTL; if it expired (etcd was away longer than
+        the TTL), take a new one and write the acknowledgement again."""
+        interval = max(self.lease_ttl_s / 3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self._client.refresh_lease(self.lease_id)
+                if reply is not None and int(reply.TTL) > 0:
+                    continue
+                await self._grant_lease()
+                if self._handled is not None:
+                    await self._client.put(
+                        self.ack_key.encode(), str(self._handled[1]).encode(), lease=self.lease_id
+                    )
+                log.info("Planner executor: lease expired; acknowledgement re-bound to a new lease")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("Planner executor: lease refresh failed: %s", exc)
