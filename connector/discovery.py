@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ class Discovery(Protocol):
 
     def instances(self) -> list[Instance]: ...
 
+    def registered_at(self, key: str) -> float | None: ...
+
     def subscribe(self, fn: Listener) -> Callable[[], None]: ...
 
     # ``timeout`` is part of the contract: a miss returns None instead of raising.
@@ -130,12 +133,19 @@ class InstanceCache:
         self._listeners: list[Listener] = []
         self._waiters: list[tuple[Callable[[Instance], bool], asyncio.Future[Instance]]] = []
         self._bad_values: dict[str, bytes] = {}  # keys whose value did not parse (log once)
+        self._seen_at: dict[str, float] = {}  # key -> wall time this cache first saw it
 
     def instances(self) -> list[Instance]:
         return sorted(self._by_key.values(), key=lambda i: i.key)
 
     def get(self, key: str) -> Instance | None:
         return self._by_key.get(key)
+
+    def registered_at(self, key: str) -> float | None:
+        """Wall-clock time the entry was registered, as well as the backend can tell
+        (here: when this cache first saw it). Tells a new process's entry from one its
+        predecessor left behind."""
+        return self._seen_at.get(key)
 
     def subscribe(self, fn: Listener) -> Callable[[], None]:
         self._listeners.append(fn)
@@ -187,12 +197,14 @@ class InstanceCache:
         self._bad_values.pop(key, None)
         if self._by_key.get(key) == inst:
             return inst
+        self._seen_at.setdefault(key, time.time())
         self._by_key[key] = inst
         self._notify("put", inst)
         return inst
 
     def _delete(self, key: str) -> Instance | None:
         self._bad_values.pop(key, None)
+        self._seen_at.pop(key, None)
         inst = self._by_key.pop(key, None)
         if inst is not None:
             self._notify("delete", inst)

@@ -189,6 +189,12 @@ class FileDiscovery(InstanceCache):
         self._sigs.pop(path.name, None)
         self._delete(instance.key)
 
+    def registered_at(self, key: str) -> float | None:
+        """The file's modification time: written at registration, refreshed every few
+        seconds while its process lives, frozen once it is dead."""
+        sig = self._sigs.get(file_path(self.root, key).name)
+        return sig[0] / 1e9 if sig is not None else super().registered_at(key)
+
     async def healthy(self) -> bool:
         is_dir = await asyncio.to_thread(self.dir.is_dir)
         return is_dir and bool(self._tasks) and not any(t.done() for t in self._tasks)

@@ -1,0 +1,311 @@
+"""Discovery, applied to managed replicas: readiness, draining, stale-entry cleanup.
+
+:class:`DiscoveryBridge` plugs into the reconcile loop's hooks
+(:class:`connector.reconcile.Hooks`) without the loop knowing about Dynamo:
+
+* **readiness** (``discovery_probe``): a replica is ready once *its own* instance is
+  registered for its component's endpoints (all of them, or any, per the graph). It waits
+  on the discovery watch, so it returns the moment the key appears;
+* **draining** (``before_stop``): a replica about to stop is first taken out of discovery
+  (its keys deleted, its lease kept) so routers stop sending to it while it finishes;
+* **cleanup** (``after_exit``): when a replica's process is gone, its entries are removed
+  at once (etcd: its lease revoked; file backend: its files deleted), instead of lingering
+  for the lease TTL (etcd) or forever (files);
+* **reaper**: every put, and a periodic sweep, removes entries whose owner is a managed
+  replica that is not running (it died while the connector was away, say).
+
+Ownership is :func:`connector.discovery.match_instance` (allocated port, then the process
+tree holding the listening socket); a decision, once made, is remembered per key, so an
+entry can still be attributed after its process is gone. Entries of no managed replica are
+foreign and never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from connector import procs
+from connector.discovery import (
+    Discovery,
+    Instance,
+    ReplicaAddress,
+    listening_ports,
+    match_instance,
+)
+from connector.events import EventLog
+from connector.graph import Graph, Readiness, Service
+from connector.probes import ProbeTarget
+from connector.state import ConnectorState, ReplicaRecord
+from connector.topology import discovery_component
+
+log = logging.getLogger(__name__)
+
+# Phases in which a replica has no process (its entries are stale).
+_NOT_RUNNING = frozenset({"backoff", "exited"})
+# An entry registered this long before its replica's current process was spawned belongs
+# to an earlier process of that replica (same ports, dead now). The margin covers the time
+# between the process starting and the connector recording ``spawned_at``.
+SPAWN_MARGIN_S = 0.1
+
+
+class _Host(Protocol):
+    graph: Graph
+    state: ConnectorState
+    events: EventLog
+
+
+def _ports(rec: ReplicaRecord) -> frozenset[int]:
+    ports = (rec.reservation or {}).get("ports") or {}
+    return frozenset(int(p) for p in ports.values())
+
+
+class DiscoveryBridge:
+    """Readiness, drain and cleanup for the replicas of one connector."""
+
+    def __init__(
+        self,
+        host: _Host,
+        discovery: Discovery,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        sweep_s: float = 2.0,
+    ) -> None:
+        self.host = host
+        self.discovery = discovery
+        self.extra_env = dict(extra_env or {})
+        self.sweep_s = sweep_s
+        self.owners: dict[str, str] = {}  # instance key -> replica id, once decided
+        self._unsubscribe: Callable[[], None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._removing: set[str] = set()
+        # Entries taken out for a drain: their process still holds its lease (and maybe a
+        # model card on it) until it exits; then the lease is revoked too.
+        self._drained: dict[str, list[Instance]] = {}
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._unsubscribe = self.discovery.subscribe(self._on_change)
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self._sweep_loop(), name="discovery-reaper"
+        )
+
+    async def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        tasks = [t for t in (self._sweeper, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._sweeper = None
+
+    def replica_env(self) -> dict[str, str]:
+        return {**self.discovery.replica_env(), **self.extra_env}
+
+    # ------------------------------------------------------------- identity
+
+    def _service_of(self, replica_id: str) -> Service | None:
+        return self.host.graph.services.get(replica_id.rsplit("/", 1)[0])
+
+    def _identity(self, svc: Service) -> tuple[str, str]:
+        return (svc.dynamo_namespace or self.host.graph.namespace, discovery_component(svc))
+
+    def _records(self) -> dict[str, ReplicaRecord]:
+        return {r.replica_id: r for r in self.host.state.replicas.values()}
+
+    def _addresses(self, recs: Iterable[ReplicaRecord]) -> list[ReplicaAddress]:
+        return [ReplicaAddress(r.replica_id, _ports(r), frozenset()) for r in recs]
+
+    def owner(self, inst: Instance) -> str | None:
+        """The replica owning ``inst`` by allocated port, or as decided earlier."""
+        known = self.owners.get(inst.key)
+        if known is not None:
+            return known
+        owner = match_instance(inst, self._addresses(self.host.state.replicas.values()))
+        if owner is not None:
+            self.owners[inst.key] = owner
+        return owner
+
+    async def _owner_by_socket(self, inst: Instance, recs: Iterable[ReplicaRecord]) -> str | None:
+        """Fallback for a component that picks its own port: whose tree listens on it."""
+        live = [r for r in recs if r.pid is not None]
+        if inst.address is None or not live:
+            return None
+
+        def trees() -> tuple[list[ReplicaAddress], dict[int, int]]:
+            addrs = [
+                ReplicaAddress(r.replica_id, _ports(r), frozenset(procs.tree_pids(r.pid)))
+                for r in live
+            ]
+            return addrs, listening_ports(pid for a in addrs for pid in a.pids)
+
+        addrs, listeners = await asyncio.to_thread(trees)
+        owner = match_instance(inst, addrs, listeners)
+        if owner is not None:
+            self.owners[inst.key] = owner
+        return owner
+
+    def owned_by(self, replica_id: str) -> list[Instance]:
+        return [i for i in self.discovery.instances() if self.owner(i) == replica_id]
+
+    # ------------------------------------------------------------- readiness
+
+    async def probe(self, target: ProbeTarget, readiness: Readiness, deadline: float) -> bool:
+        """True once the replica's own instances are registered for the endpoints
+        (``readiness.match``: all or any), False at the deadline or if it dies first."""
+        svc = self._service_of(target.replica_id)
+        if svc is None:
+            return False
+        namespace, component = self._identity(svc)
+        wanted = set(readiness.endpoints)
+        need_all = readiness.match != "any"
+        found: set[str] = set()
+        rejected: set[str] = set()
+        ports = frozenset(target.ports.values())
+
+        def candidate(inst: Instance) -> bool:
+            if (inst.namespace, inst.component) != (namespace, component):
+                return False
+            if inst.endpoint not in wanted or inst.endpoint in found or inst.key in rejected:
+                return False
+            if self._predates(inst, target.spawned_at):
+                return False  # left behind by an earlier process of this replica
+            owner = self.owners.get(inst.key)
+            return owner is None or owner == target.replica_id
+
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not target.alive():
+                return False
+            # Woken by the watch; the slice only bounds how late a death is noticed.
+            inst = await self.discovery.wait_for(candidate, min(remaining, 1.0))
+            if inst is None:
+                continue
+            if await self._is_mine(inst, target, ports):
+                found.add(inst.endpoint)
+                if not need_all or found >= wanted:
+                    return True
+            else:
+                rejected.add(inst.key)
+
+    async def _is_mine(self, inst: Instance, target: ProbeTarget, ports: frozenset[int]) -> bool:
+        if inst.address is not None and inst.address[1] in ports:
+            self.owners[inst.key] = target.replica_id
+            return True
+        owner = self.owner(inst)
+        if owner is not None:
+            return owner == target.replica_id
+        rec = self._records().get(target.replica_id)
+        recs = [r for r in self.host.state.replicas.values() if r.pid is not None]
+        if rec is not None and rec.pid is None:
+            recs.append(rec.model_copy(update={"pid": target.pid}))
+        return await self._owner_by_socket(inst, recs) == target.replica_id
+
+    # --------------------------------------------------------- drain / cleanup
+
+    async def before_stop(self, rec: ReplicaRecord) -> None:
+        """Out of discovery before the stop: keys deleted, lease kept for in-flight work."""
+        owned = self.owned_by(rec.replica_id)
+        self._drained[rec.replica_id] = owned
+        for inst in owned:
+            await self._remove(inst, revoke=False, why="drain", replica=rec.replica_id)
+
+    async def after_exit(self, rec: ReplicaRecord) -> None:
+        """The process is gone: its entries go now (lease revoked / files deleted)."""
+        for inst in self.owned_by(rec.replica_id):
+            await self._remove(inst, revoke=True, why="process exited", replica=rec.replica_id)
+        for inst in self._drained.pop(rec.replica_id, []):
+            if inst.backend == "etcd":  # what else the drained process kept on its lease
+                with contextlib.suppress(Exception):
+                    await self.discovery.remove(inst, revoke=True)
+
+    async def _remove(self, inst: Instance, *, revoke: bool, why: str, replica: str) -> None:
+        if inst.key in self._removing:
+            return
+        self._removing.add(inst.key)
+        try:
+            await self.discovery.remove(inst, revoke=revoke)
+        except Exception as exc:
+            log.warning("discovery: removing %s (%s) failed: %s", inst.key, why, exc)
+            return
+        finally:
+            self._removing.discard(inst.key)
+        self.owners.pop(inst.key, None)
+        self.host.events.emit(
+            "reap",
+            component=replica.rsplit("/", 1)[0],
+            replica=replica,
+            reason=why,
+            outcome="ok",
+            details={
+                "key": inst.key,
+                "instance_id": inst.instance_hex,
+                "backend": inst.backend,
+                "revoked": revoke and inst.backend == "etcd",
+            },
+        )
+
+    # ------------------------------------------------------------------ reaper
+
+    def _predates(self, inst: Instance, spawned_at: float | None) -> bool:
+        registered = self.discovery.registered_at(inst.key)
+        if registered is None or spawned_at is None:
+            return False
+        return registered < spawned_at - SPAWN_MARGIN_S
+
+    def stale_reason(self, inst: Instance) -> tuple[str, str] | None:
+        """(owner, why) when ``inst`` belongs to a managed replica but not to its running
+        process; None for live and foreign entries."""
+        owner = self.owner(inst)
+        if owner is None:
+            return None
+        rec = self._records().get(owner)
+        if rec is None:
+            return None  # not ours (any more): foreign, never touched
+        if rec.phase in _NOT_RUNNING:
+            return owner, "owner not running"
+        if rec.phase in ("starting", "ready") and self._predates(inst, rec.spawned_at):
+            return owner, "left by an earlier process of the replica"
+        return None
+
+    def _on_change(self, kind: str, inst: Instance) -> None:
+        if kind == "delete":
+            self.owners.pop(inst.key, None)
+            return
+        stale = self.stale_reason(inst)
+        if stale is not None:
+            owner, why = stale
+            self._spawn(self._remove(inst, revoke=True, why=why, replica=owner))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def sweep(self) -> int:
+        """Remove every stale entry of a managed replica (see :meth:`stale_reason`)."""
+        removed = 0
+        for inst in self.discovery.instances():
+            stale = self.stale_reason(inst)
+            if stale is not None:
+                owner, why = stale
+                await self._remove(inst, revoke=True, why=why, replica=owner)
+                removed += 1
+        return removed
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("discovery reaper sweep failed")
