@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,18 @@ def test_open_discovery_validates_arguments(tmp_path: Path) -> None:
         "DYN_DISCOVERY_BACKEND": "etcd",
         "ETCD_ENDPOINTS": "http://127.0.0.1:23790",
     }
+
+
+def test_registered_at_is_when_the_cache_first_saw_the_key() -> None:
+    cache = InstanceCache("etcd")
+    key, raw = v1()
+    assert cache.registered_at(key) is None
+    before = time.time()
+    cache._put(key, raw)
+    seen = cache.registered_at(key)
+    assert seen is not None and before <= seen <= time.time()
+    _, raw2 = v1(port=9999)
+    cache._put(key, raw2)  # a new value for the same key: same registration
+    assert cache.registered_at(key) == seen
+    cache._delete(key)
+    assert cache.registered_at(key) is None

@@ -152,3 +152,15 @@ async def test_polls_when_inotify_is_unavailable(
     finally:
         await d.close()
     assert not await d.healthy()
+
+
+async def test_registered_at_is_the_files_mtime(disc: FileDiscovery) -> None:
+    key = write_instance(disc.root, 0x3, 24003)
+    stamp = time.time() - 42.0
+    await until(lambda: disc.get(key) is not None)
+    os.utime(file_path(disc.root, key), (stamp, stamp))
+    disc._rescan = True  # what the periodic poll does: pick up changed stats
+    await disc._sync_once()
+    registered = disc.registered_at(key)
+    assert registered is not None
+    assert abs(registered - stamp) < 1e-6
