@@ -510,7 +510,8 @@ class VirtualConnectorExecutor:
             outcome = DecisionOutcome("failed", f"{type(exc).__name__}: {exc}")
         finally:
             self.applying = None
-        await self._acknowledge(decision)
+        # Recorded first, then acknowledged: whoever sees the acknowledgement finds the
+        # outcome already in the event log.
         self.last_outcome = outcome
         if self._events is not None:
             self._events.emit(
@@ -526,15 +527,30 @@ class VirtualConnectorExecutor:
                     "applied": dict(outcome.applied),
                 },
             )
+        await self._acknowledge(decision)
 
     async def _acknowledge(self, decision: PlannerDecision) -> None:
-        """Write ``scaled_decision_id`` on our lease; retried until etcd takes it."""
+        """Write ``scaled_decision_id`` on our lease; retried until etcd takes it.
+
+        Only while the Planner that made the decision is still there (its ``decision_id``
+        key has the same create revision): an acknowledgement left for a Planner that
+        restarted meanwhile (counting from 0 again) would tell it a decision was done that
+        we never saw.
+        """
+        client = self._client
+        key = self._decision_key.encode()
         while True:
             try:
-                await self._client.put(
-                    self.ack_key.encode(),
-                    str(decision.decision_id).encode(),
-                    lease=self.lease_id,
+                written, _ = await client.transaction(
+                    compare=[client.transactions.create(key) == decision.create_revision],
+                    success=[
+                        client.transactions.put(
+                            self.ack_key.encode(),
+                            str(decision.decision_id).encode(),
+                            lease=self.lease_id,
+                        )
+                    ],
+                    failure=[],
                 )
                 break
             except asyncio.CancelledError:
@@ -544,7 +560,13 @@ class VirtualConnectorExecutor:
                     "Planner executor: acknowledging %d failed: %s", decision.decision_id, exc
                 )
                 await asyncio.sleep(self.retry_s)
-        self._handled = (decision.create_revision, decision.decision_id)
+        if written:
+            self._handled = (decision.create_revision, decision.decision_id)
+        else:
+            log.info(
+                "Planner executor: decision %d not acknowledged: its Planner is gone",
+                decision.decision_id,
+            )
 
     async def _keepalive(self) -> None:
         """Refresh the lease at a third of its TTL; if it expired (etcd was away longer than
