@@ -1,0 +1,348 @@
+"""JSON Schemas (2020-12, as OpenAPI 3.1 uses them) of every body the API reads or writes.
+
+The same dicts validate request bodies and query parameters (:mod:`connector.api.validation`)
+and appear in the OpenAPI document, so the documented and the enforced shapes cannot drift.
+Response schemas list the keys the server always writes as ``required``; extra keys are
+allowed where another module (exporter, resources, interop) owns the content.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+# Upper bounds that keep one request from asking for something absurd.
+MAX_REPLICAS = 1024
+MAX_WAIT_S = 3600.0
+MAX_LOG_LINES = 10_000
+MAX_EVENTS = 2000
+
+STATES = ["spawning", "starting", "ready", "stopping", "backoff", "exited", "crashloop"]
+COMPONENT_STATUSES = ["starting", "running", "degraded", "crashloop", "stopped"]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    kind = schema["type"]
+    return {**schema, "type": [*kind, "null"] if isinstance(kind, list) else [kind, "null"]}
+
+
+ERROR: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "additionalProperties": False,
+            "properties": {
+                "code": {"type": "string", "description": "stable machine-readable code"},
+                "message": {"type": "string", "description": "one line for a person"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+
+REPLICA_COUNTS: Schema = {
+    "type": "object",
+    "required": ["desired", "running", "ready", "min", "max"],
+    "additionalProperties": False,
+    "properties": {
+        "desired": {"type": "integer", "minimum": 0},
+        "running": {"type": "integer", "minimum": 0},
+        "ready": {"type": "integer", "minimum": 0},
+        "min": {"type": "integer", "minimum": 0},
+        "max": {"type": ["integer", "null"], "minimum": 0},
+    },
+}
+
+COMPONENT: Schema = {
+    "type": "object",
+    "required": [
+        "name",
+        "role",
+        "sub_component_type",
+        "dynamo_namespace",
+        "status",
+        "replicas",
+        "restarts",
+        "crashloops",
+        "scale_in_flight",
+        "reason",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["frontend", "router", "worker", "planner"]},
+        "sub_component_type": {"type": ["string", "null"], "enum": ["prefill", "decode", None]},
+        "dynamo_namespace": {"type": "string"},
+        "status": {"type": "string", "enum": COMPONENT_STATUSES},
+        "replicas": ref("ReplicaCounts"),
+        "restarts": {"type": "integer", "minimum": 0},
+        "crashloops": {"type": "integer", "minimum": 0},
+        "scale_in_flight": {"type": "boolean"},
+        "reason": {"type": ["string", "null"]},
+    },
+}
+
+REPLICA: Schema = {
+    "type": "object",
+    "required": [
+        "replica",
+        "component",
+        "watcher",
+        "state",
+        "ready",
+        "pid",
+        "started_at",
+        "restarts",
+        "last_exit_code",
+        "gpus",
+        "gpu_fraction",
+        "cpu_cores",
+        "memory_bytes",
+        "ports",
+        "sockets",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "replica": {"type": "string", "description": "ordinal, the `replica` metric label"},
+        "component": {"type": "string"},
+        "watcher": {"type": "string"},
+        "state": {"type": "string", "enum": STATES},
+        "ready": {"type": "boolean"},
+        "pid": {"type": ["integer", "null"]},
+        "started_at": {"type": ["number", "null"], "description": "Unix time"},
+        "restarts": {"type": "integer", "minimum": 0},
+        "last_exit_code": {"type": ["integer", "null"]},
+        "gpus": {"type": "array", "items": {"type": "string"}},
+        "gpu_fraction": {"type": "number", "minimum": 0},
+        "cpu_cores": {"type": "number", "minimum": 0},
+        "memory_bytes": {"type": "integer", "minimum": 0},
+        "ports": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "sockets": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+COMPONENT_LIST: Schema = {
+    "type": "object",
+    "required": ["namespace", "components"],
+    "additionalProperties": False,
+    "properties": {
+        "namespace": {"type": "string"},
+        "components": {"type": "array", "items": ref("Component")},
+    },
+}
+
+COMPONENT_DETAIL: Schema = {
+    "type": "object",
+    "required": ["component", "replicas"],
+    "additionalProperties": False,
+    "properties": {
+        "component": ref("Component"),
+        "replicas": {"type": "array", "items": ref("Replica")},
+    },
+}
+
+REPLICA_SET: Schema = {
+    "type": "object",
+    "required": ["component", "desired", "running", "ready", "replicas"],
+    "additionalProperties": False,
+    "properties": {
+        "component": {"type": "string"},
+        "desired": {"type": "integer", "minimum": 0},
+        "running": {"type": "integer", "minimum": 0},
+        "ready": {"type": "integer", "minimum": 0},
+        "replicas": {"type": "array", "items": ref("Replica")},
+    },
+}
+
+WAIT_PROPERTIES: Schema = {
+    "wait": {
+        "type": "boolean",
+        "default": False,
+        "description": "answer only when the component has converged (or timed out: 504)",
+    },
+    "timeout_s": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": MAX_WAIT_S,
+        "description": "how long to wait when `wait` is true (default: the connector's "
+        "scale timeout)",
+    },
+}
+
+SCALE_REQUEST: Schema = {
+    "type": "object",
+    "required": ["replicas"],
+    "additionalProperties": False,
+    "properties": {
+        "replicas": {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS},
+        **WAIT_PROPERTIES,
+    },
+}
+
+RESTART_REQUEST: Schema = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": dict(WAIT_PROPERTIES),
+}
+
+OPERATION_RESULT: Schema = {
+    "type": "object",
+    "required": ["component", "operation", "target", "waited", "converged", "state"],
+    "additionalProperties": False,
+    "properties": {
+        "component": {"type": "string"},
+        "operation": {"type": "string", "enum": ["scale", "restart"]},
+        "target": {"type": "integer", "minimum": 0},
+        "waited": {"type": "boolean"},
+        "converged": {
+            "type": "boolean",
+            "description": "every desired replica is ready (always true after a wait)",
+        },
+        "state": ref("Component"),
+    },
+}
+
+LOGS: Schema = {
+    "type": "object",
+    "required": ["component", "lines"],
+    "additionalProperties": False,
+    "properties": {
+        "component": {"type": "string"},
+        "lines": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "newest last; each line is `[<replica> <stream>] <time> <text>`",
+        },
+    },
+}
+
+EVENT: Schema = {
+    "type": "object",
+    "required": ["seq", "time", "kind"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1},
+        "time": {"type": "number"},
+        "kind": {"type": "string"},
+        "component": {"type": "string"},
+        "replica": {"type": "string"},
+        "source": {"type": "string"},
+        "from_replicas": {"type": "integer"},
+        "to_replicas": {"type": "integer"},
+        "outcome": {"type": "string"},
+        "reason": {"type": "string"},
+        "duration_s": {"type": "number"},
+        "trace_id": {"type": "string"},
+        "details": {"type": "object"},
+    },
+}
+
+EVENT_LIST: Schema = {
+    "type": "object",
+    "required": ["events", "last_seq"],
+    "additionalProperties": False,
+    "properties": {
+        "events": {"type": "array", "items": ref("Event")},
+        "last_seq": {"type": "integer", "minimum": 0},
+    },
+}
+
+# Owned by other modules (exporter usage, interop, resources): the keys they always write.
+COMPONENT_USAGE: Schema = {
+    "type": "object",
+    "required": ["component", "replicas"],
+    "properties": {
+        "component": {"type": "string"},
+        "namespace": {"type": "string"},
+        "replicas": {"type": "array", "items": {"type": "object"}},
+        "totals": {"type": "object"},
+    },
+}
+
+TOPOLOGY: Schema = {"type": "object", "description": "nodes and edges of the running graph"}
+
+PREFILL_QUEUE: Schema = {
+    "type": "object",
+    "description": "prefill queue depth and rates (keys documented in docs/metrics.md)",
+}
+
+MACHINE_RESOURCES: Schema = {
+    "type": "object",
+    "description": "GPUs with their allocation, CPU and memory budgets",
+}
+
+HEALTH: Schema = {
+    "type": "object",
+    "required": ["status", "namespace", "uptime_s"],
+    "additionalProperties": False,
+    "properties": {
+        "status": {"type": "string", "enum": ["ok"]},
+        "namespace": {"type": "string"},
+        "uptime_s": {"type": "number", "minimum": 0},
+    },
+}
+
+CHECK: Schema = {
+    "type": "object",
+    "required": ["ok", "detail"],
+    "additionalProperties": False,
+    "properties": {"ok": {"type": "boolean"}, "detail": {"type": "string"}},
+}
+
+READINESS: Schema = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "additionalProperties": False,
+    "properties": {
+        "status": {"type": "string", "enum": ["ready"]},
+        "checks": {"type": "object", "additionalProperties": ref("Check")},
+    },
+}
+
+SHUTDOWN: Schema = {
+    "type": "object",
+    "required": ["status"],
+    "additionalProperties": False,
+    "properties": {"status": {"type": "string", "enum": ["shutting_down"]}},
+}
+
+# Named schemas, referenced as #/components/schemas/<name>.
+NAMED: dict[str, Schema] = {
+    "Error": ERROR,
+    "ReplicaCounts": REPLICA_COUNTS,
+    "Component": COMPONENT,
+    "Replica": REPLICA,
+    "ComponentList": COMPONENT_LIST,
+    "ComponentDetail": COMPONENT_DETAIL,
+    "ReplicaSet": REPLICA_SET,
+    "ScaleRequest": SCALE_REQUEST,
+    "RestartRequest": RESTART_REQUEST,
+    "OperationResult": OPERATION_RESULT,
+    "Logs": LOGS,
+    "Event": EVENT,
+    "EventList": EVENT_LIST,
+    "ComponentUsage": COMPONENT_USAGE,
+    "Topology": TOPOLOGY,
+    "PrefillQueue": PREFILL_QUEUE,
+    "MachineResources": MACHINE_RESOURCES,
+    "Health": HEALTH,
+    "Check": CHECK,
+    "Readiness": READINESS,
+    "Shutdown": SHUTDOWN,
+}
+
+
+def resolve(schema: Schema) -> Schema:
+    """Follow a local ``$ref`` (one level) to the named schema."""
+    target = schema.get("$ref")
+    if isinstance(target, str):
+        return NAMED[target.rsplit("/", 1)[-1]]
+    return schema
