@@ -1,0 +1,312 @@
+"""The discovery bridge: readiness, drain, cleanup and reaping for managed replicas,
+on real file discovery (and real etcd for lease revocation)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+
+from connector.discovery_bridge import DiscoveryBridge
+from connector.discovery_etcd import EtcdDiscovery
+from connector.discovery_file import FileDiscovery
+from connector.dynamo_keys import encode_value, file_path, instance_key, instance_value
+from connector.events import EventLog
+from connector.graph import Graph, Readiness, ReadinessKind, Role, Service
+from connector.probes import ProbeTarget
+from connector.state import ConnectorState, ReplicaRecord
+
+NS = "dyn"
+GRAPH = Graph(
+    name="g",
+    namespace=NS,
+    services={
+        "Decode": Service(
+            name="Decode",
+            role=Role.WORKER,
+            command=("w",),
+            readiness=Readiness(
+                kind=ReadinessKind.DISCOVERY,
+                component="backend",
+                endpoints=("generate", "clear_kv_blocks"),
+            ),
+        ),
+    },
+)
+
+
+@dataclass
+class Host:
+    graph: Graph = GRAPH
+    state: ConnectorState = field(default_factory=lambda: ConnectorState(namespace="t"))
+    events: EventLog = field(default_factory=EventLog)
+
+    def add(self, ordinal: int, port: int | None, phase: str = "starting", **kw: Any) -> str:
+        ports = {"rpc": port} if port is not None else {}
+        rec = ReplicaRecord(
+            component="Decode",
+            ordinal=ordinal,
+            watcher=f"t.decode.{ordinal}",
+            phase=phase,  # type: ignore[arg-type]
+            reservation={"ports": ports},
+            spawned_at=kw.pop("spawned_at", time.time()),
+            **kw,
+        )
+        self.state.replicas[rec.watcher] = rec
+        return rec.replica_id
+
+    def rec(self, replica_id: str) -> ReplicaRecord:
+        return next(r for r in self.state.replicas.values() if r.replica_id == replica_id)
+
+
+def register(
+    root: Path, iid: int, port: int, endpoint: str = "generate", mtime: float | None = None
+) -> str:
+    key = instance_key(NS, "backend", endpoint, iid)
+    path = file_path(root, key)
+    tmp = path.with_name("." + path.name)
+    tmp.write_bytes(encode_value(instance_value(NS, "backend", endpoint, iid, "127.0.0.1", port)))
+    if mtime is not None:
+        os.utime(tmp, (mtime, mtime))
+    os.replace(tmp, path)
+    return key
+
+
+def target(host: Host, replica_id: str, alive: Callable[[], bool] = lambda: True) -> ProbeTarget:
+    rec = host.rec(replica_id)
+    ports = {k: int(v) for k, v in (rec.reservation or {}).get("ports", {}).items()}
+    return ProbeTarget(
+        replica_id=replica_id,
+        pid=rec.pid or os.getpid(),
+        spawned_at=rec.spawned_at or time.time(),
+        ports=ports,
+        alive=alive,
+    )
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def files(tmp_path: Path) -> AsyncIterator[tuple[Host, FileDiscovery, DiscoveryBridge]]:
+    host = Host()
+    disc = FileDiscovery(tmp_path / "kv", poll_s=60)
+    await disc.start()
+    bridge = DiscoveryBridge(host, disc, extra_env={"NATS_SERVER": "nats://127.0.0.1:4222"})
+    await bridge.start()
+    yield host, disc, bridge
+    await bridge.close()
+    await disc.close()
+
+
+def reaps(host: Host) -> list[tuple[str | None, str | None, str]]:
+    return [
+        (e.replica, e.reason, e.details["key"]) for e in host.events.since(0) if e.kind == "reap"
+    ]
+
+
+async def test_replica_env(files: Any) -> None:
+    _, disc, bridge = files
+    assert bridge.replica_env() == {
+        "DYN_DISCOVERY_BACKEND": "file",
+        "DYN_FILE_KV": str(disc.root),
+        "NATS_SERVER": "nats://127.0.0.1:4222",
+    }
+
+
+async def test_ready_once_all_endpoints_of_its_own_instance_are_registered(files: Any) -> None:
+    host, disc, bridge = files
+    mine = host.add(1, 20011)
+    other = host.add(2, 20012)
+    probe = asyncio.create_task(
+        bridge.probe(target(host, mine), GRAPH.services["Decode"].readiness, time.monotonic() + 5)
+    )
+    await asyncio.sleep(0.05)
+    register(disc.root, 0xB, 20012)  # the other replica's: not ours
+    register(disc.root, 0xB, 20012, "clear_kv_blocks")
+    register(disc.root, 0xA, 20011)  # one endpoint of two: not yet
+    await asyncio.sleep(0.1)
+    assert not probe.done()
+    started = time.monotonic()
+    key = register(disc.root, 0xA, 20011, "clear_kv_blocks")
+    assert await asyncio.wait_for(probe, 5) is True
+    assert time.monotonic() - started < 0.5
+    assert bridge.owners[key] == mine
+    assert bridge.owner(disc.get(instance_key(NS, "backend", "generate", 0xB))) == other
+
+
+async def test_any_endpoint_is_enough_with_match_any(files: Any) -> None:
+    host, disc, bridge = files
+    mine = host.add(1, 20011)
+    readiness = Readiness(
+        kind=ReadinessKind.DISCOVERY,
+        component="backend",
+        endpoints=("generate", "clear_kv_blocks"),
+        match="any",
+    )
+    register(disc.root, 0xA, 20011, "clear_kv_blocks")
+    assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) is True
+
+
+async def test_an_entry_left_by_an_earlier_process_does_not_make_it_ready(
+    tmp_path: Path,
+) -> None:
+    # A bridge that is not started: no reaper, so the probe alone must tell them apart.
+    host = Host()
+    disc = FileDiscovery(tmp_path / "kv", poll_s=60)
+    await disc.start()
+    try:
+        bridge = DiscoveryBridge(host, disc)
+        mine = host.add(1, 20011)
+        readiness = Readiness(kind=ReadinessKind.DISCOVERY, component="backend")
+        register(disc.root, 0xDEAD, 20011, mtime=time.time() - 60)  # same port, a minute old
+        await until(lambda: len(disc.instances()) == 1)
+        probe_target = target(host, mine)
+        assert await bridge.probe(probe_target, readiness, time.monotonic() + 0.3) is False
+        register(disc.root, 0xA, 20011)
+        assert await bridge.probe(probe_target, readiness, time.monotonic() + 5) is True
+    finally:
+        await disc.close()
+
+
+async def test_probe_gives_up_when_the_process_dies(files: Any) -> None:
+    host, _, bridge = files
+    mine = host.add(1, 20011)
+    dead = asyncio.Event()
+    probe = asyncio.create_task(
+        bridge.probe(
+            target(host, mine, alive=lambda: not dead.is_set()),
+            Readiness(kind=ReadinessKind.DISCOVERY, component="backend"),
+            time.monotonic() + 60,
+        )
+    )
+    await asyncio.sleep(0.05)
+    dead.set()
+    assert await asyncio.wait_for(probe, 3) is False
+
+
+async def test_owner_by_listening_socket_when_no_port_was_allocated(files: Any) -> None:
+    host, disc, bridge = files
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        mine = host.add(1, None, pid=os.getpid())
+        register(disc.root, 0xC, port)
+        readiness = Readiness(kind=ReadinessKind.DISCOVERY, component="backend")
+        assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) is True
+    assert bridge.owners[instance_key(NS, "backend", "generate", 0xC)] == mine
+
+
+async def test_drain_and_exit_remove_only_the_replicas_own_entries(files: Any) -> None:
+    host, disc, bridge = files
+    mine = host.add(1, 20011, phase="ready")
+    host.add(2, 20012, phase="ready")
+    k_mine = register(disc.root, 0xA, 20011)
+    k_mine2 = register(disc.root, 0xA, 20011, "clear_kv_blocks")
+    k_other = register(disc.root, 0xB, 20012)
+    k_foreign = register(disc.root, 0xF, 31000)
+    await until(lambda: len(disc.instances()) == 4)
+
+    await bridge.before_stop(host.rec(mine))
+    assert sorted(i.key for i in disc.instances()) == sorted([k_other, k_foreign])
+    assert not file_path(disc.root, k_mine).exists()
+    assert reaps(host) == [(mine, "drain", k_mine2), (mine, "drain", k_mine)]
+
+    host.rec(mine).phase = "exited"
+    await bridge.after_exit(host.rec(mine))
+    assert sorted(i.key for i in disc.instances()) == sorted([k_other, k_foreign])
+
+
+async def test_reaper_removes_entries_of_replicas_not_running_at_once(files: Any) -> None:
+    host, disc, _ = files
+    dead = host.add(1, 20011, phase="backoff")
+    host.add(2, 20012, phase="ready")
+    started = time.monotonic()
+    k_dead = register(disc.root, 0xA, 20011)  # e.g. re-listed after a connector restart
+    k_live = register(disc.root, 0xB, 20012)
+    k_foreign = register(disc.root, 0xF, 31000)
+    await until(lambda: not file_path(disc.root, k_dead).exists())
+    assert time.monotonic() - started < 0.5
+    await until(lambda: len(disc.instances()) == 2)
+    assert sorted(i.key for i in disc.instances()) == sorted([k_live, k_foreign])
+    assert reaps(host) == [(dead, "owner not running", k_dead)]
+
+
+async def test_sweep_removes_what_an_earlier_process_left(files: Any) -> None:
+    host, disc, bridge = files
+    spawned = time.time()
+    mine = host.add(1, 20011, phase="ready", spawned_at=spawned)
+    k_old = register(disc.root, 0xDEAD, 20011, mtime=spawned - 30)
+    k_new = register(disc.root, 0xA, 20011)
+    await until(lambda: len(disc.instances()) == 1)  # the put already reaped the old one
+    assert [i.key for i in disc.instances()] == [k_new]
+    assert reaps(host) == [(mine, "left by an earlier process of the replica", k_old)]
+    assert await bridge.sweep() == 0
+
+
+# ------------------------------------------------------------------- etcd
+
+
+def card(lease_id: int) -> bytes:
+    """Where Dynamo keeps the model card of an instance, on the same lease."""
+    return f"v1/mdc/{NS}/backend/generate/{lease_id:x}".encode()
+
+
+@pytest.mark.integration
+async def test_etcd_exit_revokes_the_lease_and_drain_keeps_it_until_exit(etcd_server: Any) -> None:
+    client = aetcd.Client(etcd_server.host, etcd_server.port, timeout=5)
+    host = Host()
+    disc = EtcdDiscovery(etcd_server.url)
+    await disc.start()
+    bridge = DiscoveryBridge(host, disc)
+    await bridge.start()
+    try:
+        crashed = host.add(1, 20011, phase="ready")
+        drained = host.add(2, 20012, phase="ready")
+        leases = [await client.lease(30), await client.lease(30)]
+        for lease, port in zip(leases, (20011, 20012), strict=True):
+            key = instance_key(NS, "backend", "generate", lease.id)
+            value = encode_value(
+                instance_value(NS, "backend", "generate", lease.id, "127.0.0.1", port)
+            )
+            await client.put(key.encode(), value, lease=lease)
+            await client.put(
+                f"v1/mdc/{NS}/backend/generate/{lease.id:x}".encode(), b"{}", lease=lease
+            )
+        await until(lambda: len(disc.instances()) == 2)
+
+        started = time.monotonic()
+        await bridge.after_exit(host.rec(crashed))
+        assert time.monotonic() - started < 0.5
+        assert (await client.get_lease_info(leases[0].id)).TTL == -1  # revoked, card gone too
+
+        await bridge.before_stop(host.rec(drained))
+        assert disc.instances() == []
+        info = await client.get_lease_info(leases[1].id)
+        assert info.TTL > 0  # still serving in-flight work on its lease
+        assert [bytes(k) for k in info.keys] == [
+            f"v1/mdc/{NS}/backend/generate/{leases[1].id:x}".encode()
+        ]
+        await bridge.after_exit(host.rec(drained))
+        assert (await client.get_lease_info(leases[1].id)).TTL == -1
+        assert [e.details["revoked"] for e in host.events.since(0) if e.kind == "reap"] == [
+            True,
+            False,
+        ]
+    finally:
+        await bridge.close()
+        await disc.close()
+        await client.close()
