@@ -517,7 +517,21 @@ def render_markdown() -> str:
     ]
     for label, attribute in OTEL_ATTRIBUTES.items():
         out.append(f"| `{label}` | `{attribute}` |")
+    from exporter.sources import SOURCE_SHAPES
+
     out += [
+        "",
+        "## What the exporter reads",
+        "",
+        "Besides the connector's view and events, psutil and NVML, the exporter is handed "
+        "optional callables (sync ones run on the event loop and must not block; async ones "
+        "are awaited with a deadline) returning these dicts. A dict of another shape is a "
+        "failed read of that source (`dynamo_local_exporter_source_up` 0, the reason logged), "
+        "never a wrong number.",
+        "",
+        "```python",
+        SOURCE_SHAPES.rstrip(),
+        "```",
         "",
         "## Traces",
         "",

@@ -5,29 +5,7 @@ it is handed callables that return dicts, and parses them here into typed, immut
 readings. A dict of the wrong shape is a failed read with a message naming the key, never a
 silently wrong number.
 
-Shapes (keys not listed are ignored; keys marked optional may be absent or ``None``):
-
-machine view (``resources``)::
-
-    {"gpus": [{"uuid": "GPU-...", "state": "free" | "allocated" | "leaked"}, ...],
-     "free_gpus": int,                         # optional: else counted from "gpus"
-     "cpu": {"allocatable_cores": float, "reserved_cores": float},        # optional
-     "memory": {"allocatable_bytes": int, "reserved_bytes": int}}         # optional
-
-    A GPU entry without "state" is "allocated" when it has a non-empty "owners" list (or
-    "owner"), else "free".
-
-prefill queue (``nats``)::
-
-    {"status": "ok" | "unavailable" | ..., "reason": str,   # reason when not ok
-     "pending": int, "ack_pending": int, "redelivered": int, "consumers": int,
-     "stream_messages": int, "stream_bytes": int,
-     "enqueue_rate": float, "dequeue_rate": float,         # messages per second
-     "oldest_pending_age_s": float}                        # all optional
-
-discovery stats (``etcd``)::
-
-    {"instances": {"<component>": int, ...}, "stale_reaped_total": int}   # both optional
+The shapes are in :data:`SOURCE_SHAPES` (also printed in ``docs/metrics.md``).
 """
 
 from __future__ import annotations
@@ -37,6 +15,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.catalog import GPU_ALLOCATION_STATES
+
+SOURCE_SHAPES = """\
+# machine view (health source "resources"); keys not listed are ignored
+{"gpus": [{"uuid": "GPU-...", "state": "free" | "allocated" | "leaked"}, ...],
+ # a GPU without "state" is "allocated" when "owners" (or "owner") is non-empty, else "free"
+ "free_gpus": int,                                              # optional: else counted
+ "cpu": {"allocatable_cores": float, "reserved_cores": float},   # optional
+ "memory": {"allocatable_bytes": int, "reserved_bytes": int}}    # optional
+
+# prefill queue (health source "nats"): a status other than "ok" is a failed read
+{"status": "ok" | "unavailable", "reason": str,
+ "pending": int, "ack_pending": int, "redelivered": int, "consumers": int,
+ "stream_messages": int, "stream_bytes": int,
+ "enqueue_rate": float, "dequeue_rate": float,          # messages per second
+ "oldest_pending_age_s": float}                         # every number optional
+
+# discovery stats (health source "etcd")
+{"instances": {"<component>": int, ...}, "stale_reaped_total": int}   # both optional
+"""
 
 
 class SourceFormatError(ValueError):
