@@ -1,0 +1,479 @@
+"""The ``dynamo-local`` command.
+
+``up GRAPH`` runs a graph in the foreground (the composition root is :mod:`connector.up`);
+every other command talks to a running server over HTTP (``--url``, ``--token``; defaults
+from ``DYNAMO_LOCAL_URL`` / ``DYNAMO_LOCAL_TOKEN``).
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 no server at the URL, 4 scale or restart did not
+converge (timed out or superseded). Errors are one line on stderr, never a traceback
+(``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from connector import cli_render as render
+from connector.client import (
+    TOKEN_ENV,
+    URL_ENV,
+    ApiError,
+    Client,
+    Unreachable,
+    default_token,
+    default_url,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NOT_CONVERGED = 4
+
+NOT_CONVERGED_CODES = frozenset({"scale_timeout", "superseded"})
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Command = Callable[[Client, argparse.Namespace], Awaitable[int]]
+
+
+def fail(message: str) -> None:
+    err.print(f"dynamo-local: error: {message}", markup=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------- commands
+
+
+async def cmd_ps(api: Client, args: argparse.Namespace) -> int:
+    if args.component:
+        detail = await api.component(args.component)
+        if args.json:
+            print_json(detail)
+        else:
+            out.print(render.replicas_table(detail))
+        return EXIT_OK
+    data = await api.components()
+    if args.json:
+        print_json(data)
+    else:
+        out.print(render.components_table(data))
+    return EXIT_OK
+
+
+async def _watch_progress(
+    api: Client, name: str, target: int, task: asyncio.Task[dict[str, Any]], verb: str
+) -> None:
+    """Show ready/desired while ``task`` (a waiting scale or restart) runs."""
+    live = err.is_terminal
+    last = ""
+    status = err.status(f"{verb} {name} to {target}…") if live else None
+    if status is not None:
+        status.start()
+    try:
+        while not task.done():
+            try:
+                rs = await api.replicas(name)
+                line = f"{verb} {name} to {target}: {rs['ready']}/{rs['desired']} ready"
+            except (ApiError, Unreachable):
+                line = f"{verb} {name} to {target}: waiting"
+            if status is not None:
+                status.update(line)
+            elif line != last:
+                err.print(line, markup=False)
+            last = line
+            await asyncio.wait({task}, timeout=0.5)
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def _summary(result: dict[str, Any]) -> str:
+    state = result["state"]
+    r = state["replicas"]
+    done = "converged" if result["converged"] else "converging"
+    return (
+        f"{result['component']}: {result['operation']} to {result['target']} {done} "
+        f"({r['ready']}/{r['desired']} ready, {state['status']})"
+    )
+
+
+async def _waiting_call(
+    api: Client,
+    args: argparse.Namespace,
+    target: int,
+    verb: str,
+    call: Awaitable[dict[str, Any]],
+) -> int:
+    task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(call)
+    if args.wait and not args.json:
+        await _watch_progress(api, args.component, target, task, verb)
+    try:
+        result = await task
+    except ApiError as exc:
+        if exc.code in NOT_CONVERGED_CODES:
+            fail(exc.message)
+            return EXIT_NOT_CONVERGED
+        raise
+    if args.json:
+        print_json(result)
+    else:
+        out.print(_summary(result), markup=False)
+    return EXIT_OK
+
+
+async def cmd_scale(api: Client, args: argparse.Namespace) -> int:
+    return await _waiting_call(
+        api,
+        args,
+        args.replicas,
+        "scaling",
+        api.scale(args.component, args.replicas, wait=args.wait, timeout_s=args.timeout),
+    )
+
+
+async def cmd_restart(api: Client, args: argparse.Namespace) -> int:
+    target = (await api.replicas(args.component))["desired"] if args.wait else 0
+    return await _waiting_call(
+        api,
+        args,
+        target,
+        "restarting",
+        api.restart(args.component, wait=args.wait, timeout_s=args.timeout),
+    )
+
+
+def new_lines(previous: Sequence[str], current: Sequence[str]) -> list[str]:
+    """Lines of ``current`` after the last line already printed (all when it scrolled out)."""
+    if not previous:
+        return list(current)
+    last = previous[-1]
+    for i in range(len(current) - 1, -1, -1):
+        if current[i] == last:
+            return list(current[i + 1 :])
+    return list(current)
+
+
+async def cmd_logs(api: Client, args: argparse.Namespace) -> int:
+    lines = await api.logs(args.component, args.lines, args.replica, args.stream)
+    emit = print_json if args.json else (lambda line: out.print(line, markup=False))
+    if args.json and not args.follow:
+        print_json({"component": args.component, "lines": lines})
+        return EXIT_OK
+    for line in lines:
+        emit(line)
+    if not args.follow:
+        return EXIT_OK
+    seen = lines
+    while True:
+        await asyncio.sleep(args.interval)
+        batch = await api.logs(args.component, 1000, args.replica, args.stream)
+        for line in new_lines(seen, batch):
+            emit(line)
+        if batch:
+            seen = batch
+
+
+async def _top_data(api: Client) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    components = await api.components()
+    names = [c["name"] for c in components["components"]]
+
+    async def usage_of(name: str) -> dict[str, Any]:
+        try:
+            return await api.metrics(name)
+        except ApiError:
+            return {}
+
+    usages = await asyncio.gather(*(usage_of(n) for n in names))
+    try:
+        queue: dict[str, Any] | None = await api.prefill_queue()
+    except ApiError as exc:
+        queue = {"status": "unavailable", "reason": exc.message}
+    return components, dict(zip(names, usages, strict=True)), queue
+
+
+async def cmd_top(api: Client, args: argparse.Namespace) -> int:
+    components, usage, queue = await _top_data(api)
+    if args.once:
+        if args.json:
+            print_json({"components": components, "usage": usage, "prefill_queue": queue})
+        else:
+            out.print(render.top_table(components, usage, queue))
+        return EXIT_OK
+    with Live(render.top_table(components, usage, queue), console=out, auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(args.interval)
+            components, usage, queue = await _top_data(api)
+            live.update(render.top_table(components, usage, queue), refresh=True)
+
+
+async def cmd_topology(api: Client, args: argparse.Namespace) -> int:
+    result = await api.topology(args.format)
+    if args.format == "json":
+        print_json(result)
+    else:
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    return EXIT_OK
+
+
+async def cmd_events(api: Client, args: argparse.Namespace) -> int:
+    data = await api.events(args.since, args.limit)
+    if args.json:
+        for event in data["events"]:
+            sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    elif args.follow:
+        for event in data["events"]:
+            out.print(render.event_line(event))
+    else:
+        out.print(render.events_table(data["events"]))
+    if not args.follow:
+        return EXIT_OK
+    async for event in api.stream_events(since=data["last_seq"]):
+        if event.get("kind") == "_overflow":
+            fail("the server dropped this stream (too slow); run `events -f` again")
+            return EXIT_ERROR
+        if args.json:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+        else:
+            out.print(render.event_line(event))
+    err.print("dynamo-local: the server stopped", markup=False)
+    return EXIT_OK
+
+
+async def cmd_down(api: Client, args: argparse.Namespace) -> int:
+    await api.shutdown()
+    err.print(f"dynamo-local: {api.url} is shutting down", markup=False)
+    if not args.wait:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            await api.health()
+        except Unreachable:
+            err.print("dynamo-local: stopped", markup=False)
+            return EXIT_OK
+        except ApiError:
+            pass  # still answering while it drains
+        await asyncio.sleep(0.2)
+    fail(f"the server still answers after {args.timeout:g} s")
+    return EXIT_ERROR
+
+
+# --------------------------------------------------------------------------- up
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from connector.server import BindRefused, check_bind
+    from connector.up import UpConfig, describe_failure, run_up
+
+    token = args.token or default_token()
+    try:
+        check_bind(args.host, token)
+    except BindRefused as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+    if args.auth_all and not token:
+        fail("--auth-all needs a token (--token or DYNAMO_LOCAL_TOKEN)")
+        return EXIT_USAGE
+    if args.discovery == "etcd" and not args.etcd_url:
+        fail("--discovery etcd needs --etcd-url (e.g. http://127.0.0.1:2379)")
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = UpConfig(
+        graph=args.graph,
+        namespace=args.namespace,
+        host=args.host,
+        port=args.port,
+        token=token,
+        auth_all=args.auth_all,
+        discovery=args.discovery,
+        etcd_url=args.etcd_url,
+        nats_url=args.nats_url,
+        planner_executor=args.planner_executor,
+        working_dir=Path(args.working_dir) if args.working_dir else None,
+        gpu_backend=args.gpu_backend,
+        metrics=not args.no_metrics,
+    )
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        return asyncio.run(run_up(config, out=say))
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        fail(describe_failure(exc))
+        return EXIT_ERROR
+
+
+# ----------------------------------------------------------------------- parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", default=None, help=f"server URL (default: ${URL_ENV} or {default_url()})"
+    )
+    common.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    return common
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynamo-local",
+        description="Run, scale and watch a Dynamo graph on one machine.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 server unreachable, 4 not converged",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_options()
+
+    up = sub.add_parser("up", help="run a graph in the foreground (Ctrl-C stops it)")
+    up.add_argument("graph", metavar="GRAPH", help="graph YAML file, directory or module:attr")
+    up.add_argument("--namespace", help="namespace (default: the graph's)")
+    up.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8787, help="listen port (0: any free port)")
+    up.add_argument("--token", default=None, help=f"API bearer token (default: ${TOKEN_ENV})")
+    up.add_argument("--auth-all", action="store_true", help="require the token on reads too")
+    up.add_argument("--discovery", choices=("file", "etcd", "none"), default="file")
+    up.add_argument("--etcd-url", default=None, help="etcd endpoint(s), comma-separated")
+    up.add_argument("--nats-url", default=None, help="NATS URL for the prefill queue")
+    up.add_argument(
+        "--planner-executor", action="store_true", help="apply the Planner's etcd decisions"
+    )
+    up.add_argument("--working-dir", default=None, help="state, logs, sockets (default ~/.dynamo)")
+    up.add_argument("--gpu-backend", default="auto", help="auto, nvml, none or fake:<capture.json>")
+    up.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    up.add_argument("--debug", action="store_true", help="show tracebacks")
+    up.set_defaults(run=None)
+
+    down = sub.add_parser("down", parents=[client], help="shut a running server down")
+    down.add_argument("--no-wait", dest="wait", action="store_false", help="do not wait")
+    down.add_argument("--timeout", type=_positive(float), default=120.0, help="seconds")
+    down.set_defaults(run=cmd_down)
+
+    ps = sub.add_parser("ps", parents=[client], help="components (or one's replicas)")
+    ps.add_argument("component", nargs="?", metavar="COMPONENT")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(run=cmd_ps)
+
+    scale = sub.add_parser("scale", parents=[client], help="set a component's replicas")
+    scale.add_argument("component", metavar="COMPONENT")
+    scale.add_argument("replicas", metavar="N", type=_count)
+    scale.add_argument("--wait", action="store_true", help="wait until all are ready")
+    scale.add_argument("--timeout", type=_positive(float), default=None, help="seconds")
+    scale.add_argument("--json", action="store_true")
+    scale.set_defaults(run=cmd_scale)
+
+    restart = sub.add_parser("restart", parents=[client], help="replace every replica")
+    restart.add_argument("component", metavar="COMPONENT")
+    restart.add_argument("--wait", action="store_true", help="wait until all are ready")
+    restart.add_argument("--timeout", type=_positive(float), default=None, help="seconds")
+    restart.add_argument("--json", action="store_true")
+    restart.set_defaults(run=cmd_restart)
+
+    logs = sub.add_parser("logs", parents=[client], help="a component's log lines")
+    logs.add_argument("component", metavar="COMPONENT")
+    logs.add_argument("-n", "--lines", type=_count, default=100)
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--replica", default=None, help="only this replica (ordinal)")
+    logs.add_argument("--stream", choices=("stdout", "stderr", "both"), default="both")
+    logs.add_argument("--interval", type=_positive(float), default=1.0, help=argparse.SUPPRESS)
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(run=cmd_logs)
+
+    top = sub.add_parser("top", parents=[client], help="live usage table")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument("--interval", type=_positive(float), default=2.0, help="seconds")
+    top.add_argument("--json", action="store_true", help="with --once: the data as JSON")
+    top.set_defaults(run=cmd_top)
+
+    topology = sub.add_parser("topology", parents=[client], help="the graph's topology")
+    topology.add_argument("--format", choices=("json", "dot", "mermaid"), default="json")
+    topology.add_argument("--json", action="store_true", help="same as --format json")
+    topology.set_defaults(run=cmd_topology)
+
+    events = sub.add_parser("events", parents=[client], help="scale, crash, Planner events")
+    events.add_argument("-f", "--follow", action="store_true", help="stream new events")
+    events.add_argument("--since", type=_count, default=0, help="only events after this seq")
+    events.add_argument("--limit", type=_positive(int), default=None)
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(run=cmd_events)
+    return parser
+
+
+async def _run_client(command: Command, args: argparse.Namespace) -> int:
+    async with Client(args.url, args.token or default_token()) as api:
+        return await command(api, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage error (or --help)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "up":
+        return cmd_up(args)
+    if getattr(args, "format", None) and getattr(args, "json", False):
+        args.format = "json"
+    command: Command = args.run
+    try:
+        return asyncio.run(_run_client(command, args))
+    except KeyboardInterrupt:
+        return EXIT_OK  # Ctrl-C is how -f and top end
+    except Unreachable as exc:
+        fail(f"{exc} (start one with `dynamo-local up GRAPH`, or pass --url)")
+        return EXIT_UNREACHABLE
+    except ApiError as exc:
+        fail(f"{exc.message} [{exc.code}]")
+        return EXIT_NOT_CONVERGED if exc.code in NOT_CONVERGED_CODES else EXIT_ERROR
+    except Exception as exc:
+        if args.debug or os.environ.get("DYNAMO_LOCAL_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR

@@ -1,0 +1,206 @@
+"""``dynamo-local up``: the composition root.
+
+Wires, in order: OpenTelemetry (``exporter.tracing``), the connector (graph loaded,
+circusd started, replicas adopted or started), the exporter, the HTTP app; then serves
+until SIGINT/SIGTERM or ``POST /v1/shutdown``, and takes everything down in reverse order
+so that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from connector.api.context import ApiSettings
+from connector.errors import ConnectorError
+from connector.local import ConnectorOptions, LocalConnector
+from connector.server import RunningServer, create_app, is_loopback, loopback_hosts, start_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UpConfig:
+    graph: str
+    namespace: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8787
+    token: str | None = None
+    auth_all: bool = False
+    discovery: str = "file"
+    etcd_url: str | None = None
+    nats_url: str | None = None
+    planner_executor: bool = False
+    working_dir: Path | None = None
+    gpu_backend: str = "auto"
+    metrics: bool = True
+
+    def options(self) -> ConnectorOptions:
+        return ConnectorOptions(
+            discovery=self.discovery,
+            etcd_url=self.etcd_url,
+            nats_url=self.nats_url,
+            planner_executor=self.planner_executor,
+            gpu_backend=self.gpu_backend,
+        )
+
+
+class StartupError(Exception):
+    """``up`` could not start; the message says what and why (exit code 1)."""
+
+
+async def _load_connector(config: UpConfig) -> LocalConnector:
+    from connector.graph_loader import load_graph
+
+    graph = await asyncio.to_thread(load_graph, config.graph)
+    namespace = config.namespace or graph.namespace
+    return LocalConnector(namespace, graph, config.working_dir, config.options())
+
+
+def _install_signals(stop: asyncio.Event, out: Callable[[str], None]) -> Callable[[], None]:
+    """SIGINT/SIGTERM set ``stop``; a second signal says shutdown is under way."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # embedded in a thread (tests): the caller stops us
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            out("dynamo-local: still stopping replicas, please wait")
+            return
+        out(f"dynamo-local: {signal.Signals(signum).name} received, shutting down")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def remove() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+class Stack:
+    """What ``up`` started, so that it can be stopped in reverse order whatever failed."""
+
+    def __init__(self) -> None:
+        self.telemetry: Any = None
+        self.connector: LocalConnector | None = None
+        self.exporter: Any = None
+        self.server: RunningServer | None = None
+
+    async def close(self, out: Callable[[str], None]) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.exporter is not None:
+            with contextlib.suppress(Exception):
+                await self.exporter.stop()
+            self.exporter = None
+        if self.connector is not None:
+            running = len(self.connector.view().replicas)
+            if running:
+                out(f"dynamo-local: stopping {running} replica(s)")
+            await self.connector.shutdown()
+            self.connector = None
+        if self.telemetry is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.telemetry.shutdown)
+            self.telemetry = None
+
+
+async def _start_exporter(connector: LocalConnector, telemetry: Any) -> Any:
+    from exporter.service import build_exporter
+
+    exporter = build_exporter(
+        connector,
+        queue_reader=connector.get_prefill_queue_metrics if connector.options.nats_url else None,
+    )
+    exporter.instrument_otel(telemetry.meter_provider)
+    await exporter.start()
+    return exporter
+
+
+async def run_up(
+    config: UpConfig,
+    *,
+    out: Callable[[str], None] = print,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[RunningServer], None] | None = None,
+) -> int:
+    """Run until ``stop`` is set (signals and ``POST /v1/shutdown`` set it). Returns 0, or
+    raises StartupError / ConnectorError with a one-line reason."""
+    from exporter.tracing import TelemetryConfigError, setup_telemetry
+
+    stop = stop or asyncio.Event()
+    stack = Stack()
+    remove_signals = _install_signals(stop, out)
+    try:
+        try:
+            stack.telemetry = setup_telemetry()
+        except TelemetryConfigError as exc:
+            raise StartupError(f"OpenTelemetry settings: {exc}") from exc
+        connector = await _load_connector(config)
+        await connector.initialize()  # cleans up after itself when it fails
+        stack.connector = connector
+        if config.metrics:
+            stack.exporter = await _start_exporter(connector, stack.telemetry)
+        settings = ApiSettings(
+            allowed_hosts=loopback_hosts(config.host) if is_loopback(config.host) else None
+        )
+        app = create_app(
+            connector,
+            token=config.token,
+            auth_all=config.auth_all,
+            exporter=stack.exporter,
+            request_shutdown=stop.set,
+            settings=settings,
+        )
+        try:
+            stack.server = await start_server(app, config.host, config.port)
+        except OSError as exc:
+            raise StartupError(str(exc)) from exc
+        _announce(connector, stack.server, config, out)
+        if on_listening is not None:
+            on_listening(stack.server)
+        await stop.wait()
+        out("dynamo-local: shutting down")
+    finally:
+        remove_signals()
+        await stack.close(out)
+    out("dynamo-local: stopped")
+    return 0
+
+
+def _announce(
+    connector: LocalConnector, server: RunningServer, config: UpConfig, out: Callable[[str], None]
+) -> None:
+    graph = connector.graph
+    out(
+        f"dynamo-local: graph {graph.name!r} ({len(graph.services)} components) in namespace "
+        f"{connector.namespace!r}, working dir {connector.working_dir}"
+    )
+    out(f"  API          {server.url}/v1   (OpenAPI: {server.url}/openapi.json)")
+    metrics = f"{server.url}/metrics" if config.metrics else "disabled"
+    out(f"  metrics      {metrics}")
+    out(f"  status page  {server.url}/")
+    if config.token:
+        scope = "every route" if config.auth_all else "mutating routes"
+        out(f"  auth         bearer token required on {scope}")
+    out("  Ctrl-C stops every replica and exits")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed ``up``."""
+    if isinstance(exc, ConnectorError):
+        return exc.message
+    if isinstance(exc, StartupError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
