@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -250,3 +251,17 @@ def key(name: str, **labels: str) -> str:
     if not labels:
         return name
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+# --- NVML captures ----------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "nvml"
+
+
+def gpu_backend(capture: str, pids: Mapping[int, int]) -> Any:
+    """The NVML fake replaying ``capture`` (e.g. ``h100_snapshot.json``) with the capture's
+    PIDs rewritten by ``pids`` (capture pid -> test process pid)."""
+    import pytest
+
+    nvml = pytest.importorskip("connector.nvml", reason="connector.nvml (NVML fake) not there")
+    return nvml.FakeGpuBackend(FIXTURES / capture, pid_map=dict(pids))
