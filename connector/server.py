@@ -14,6 +14,7 @@ The connector's lifecycle stays with the caller: the app never starts or stops i
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -171,7 +172,8 @@ async def start_server(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {reason}") from exc
     bound = port
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:

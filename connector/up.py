@@ -97,9 +97,8 @@ class Stack:
         self.server: RunningServer | None = None
 
     async def close(self, out: Callable[[str], None]) -> None:
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
+        """Stop in the order that keeps the API truthful: the server goes last, so a client
+        (``dynamo-local down``) that sees it gone knows every replica is gone too."""
         if self.exporter is not None:
             with contextlib.suppress(Exception):
                 await self.exporter.stop()
@@ -110,13 +109,17 @@ class Stack:
                 out(f"dynamo-local: stopping {running} replica(s)")
             await self.connector.shutdown()
             self.connector = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
         if self.telemetry is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.telemetry.shutdown)
             self.telemetry = None
 
 
-async def _start_exporter(connector: LocalConnector, telemetry: Any) -> Any:
+def _build_exporter(connector: LocalConnector, telemetry: Any) -> Any:
+    """The exporter over ``connector``; started once the connector runs."""
     from exporter.service import build_exporter
 
     exporter = build_exporter(
@@ -124,7 +127,6 @@ async def _start_exporter(connector: LocalConnector, telemetry: Any) -> Any:
         queue_reader=connector.get_prefill_queue_metrics if connector.options.nats_url else None,
     )
     exporter.instrument_otel(telemetry.meter_provider)
-    await exporter.start()
     return exporter
 
 
@@ -148,10 +150,7 @@ async def run_up(
         except TelemetryConfigError as exc:
             raise StartupError(f"OpenTelemetry settings: {exc}") from exc
         connector = await _load_connector(config)
-        await connector.initialize()  # cleans up after itself when it fails
-        stack.connector = connector
-        if config.metrics:
-            stack.exporter = await _start_exporter(connector, stack.telemetry)
+        exporter = _build_exporter(connector, stack.telemetry) if config.metrics else None
         settings = ApiSettings(
             allowed_hosts=loopback_hosts(config.host) if is_loopback(config.host) else None
         )
@@ -159,22 +158,31 @@ async def run_up(
             connector,
             token=config.token,
             auth_all=config.auth_all,
-            exporter=stack.exporter,
+            exporter=exporter,
             request_shutdown=stop.set,
             settings=settings,
         )
+        # Listen first: a busy port fails before any process is started. Until the
+        # connector runs, the API answers 503 (connector not initialized).
         try:
             stack.server = await start_server(app, config.host, config.port)
         except OSError as exc:
-            raise StartupError(str(exc)) from exc
+            raise StartupError(exc.strerror or str(exc)) from exc
+        await connector.initialize()  # cleans up after itself when it fails
+        stack.connector = connector
+        if exporter is not None:
+            await exporter.start()
+            stack.exporter = exporter
         _announce(connector, stack.server, config, out)
         if on_listening is not None:
             on_listening(stack.server)
         await stop.wait()
         out("dynamo-local: shutting down")
     finally:
-        remove_signals()
-        await stack.close(out)
+        try:
+            await stack.close(out)
+        finally:
+            remove_signals()
     out("dynamo-local: stopped")
     return 0
 

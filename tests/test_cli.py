@@ -33,7 +33,8 @@ class Result:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNAMO_LOCAL_")}
-    env.update({"COLUMNS": "200", "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}, **extra)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update({"COLUMNS": "200", "PYTHONPATH": path, "NO_COLOR": "1"}, **extra)
     return env
 
 
