@@ -7,8 +7,11 @@ these objects by :mod:`connector.graph_loader`; nothing else reads raw YAML.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from connector.errors import GraphError
 
 
 class Role(StrEnum):
@@ -153,3 +156,112 @@ class Graph:
 
     def by_sub_type(self, sub: SubComponentType) -> list[Service]:
         return [s for s in self.services.values() if s.sub_component_type is sub]
+
+    def edges(self) -> list[Edge]:
+        """Topology edges: every ``dependsOn`` first, then the edges the roles imply.
+
+        ``dependsOn`` edges go from a service to each service it depends on, in declaration
+        order. Role edges follow a request through a Dynamo graph:
+
+        - each frontend sends to each router;
+        - the routers (or, where there are none, the frontends) send to each entry worker:
+          decode workers and workers without a ``subComponentType`` (aggregated);
+        - each decode worker sends to each prefill worker; with no decode worker, prefill
+          workers are entry workers themselves;
+        - planners watch rather than serve, and get no role edge.
+
+        A role edge is left out where a ``dependsOn`` edge already joins the same two services
+        (in either direction), so each pair is drawn once, with the edge the user declared.
+        """
+        edges = [
+            Edge(svc.name, dep, "dependsOn")
+            for svc in self.services.values()
+            for dep in svc.depends_on
+        ]
+        joined = {frozenset((e.source, e.target)) for e in edges}
+        for source, target in self._role_pairs():
+            if frozenset((source, target)) not in joined:
+                edges.append(Edge(source, target, "role"))
+        return edges
+
+    def _role_pairs(self) -> list[tuple[str, str]]:
+        def named(role: Role, *subs: SubComponentType | None) -> list[str]:
+            return [
+                s.name
+                for s in self.services.values()
+                if s.role is role and (not subs or s.sub_component_type in subs)
+            ]
+
+        frontends = named(Role.FRONTEND)
+        routers = named(Role.ROUTER)
+        decode = named(Role.WORKER, SubComponentType.DECODE)
+        prefill = named(Role.WORKER, SubComponentType.PREFILL)
+        entry = named(Role.WORKER, SubComponentType.DECODE, None)
+        if not decode:
+            entry = named(Role.WORKER)  # aggregated and prefill workers take requests directly
+        senders = routers or frontends
+        pairs = [(f, r) for f in frontends for r in routers]
+        pairs += [(s, w) for s in senders for w in entry]
+        pairs += [(d, p) for d in decode for p in prefill]
+        return pairs
+
+    def topological_order(self) -> list[str]:
+        """Service names, each after every service it depends on; otherwise declaration order.
+
+        Raises :class:`GraphError` on a dependency cycle or an unknown ``depends_on`` name.
+        """
+        deps = {name: svc.depends_on for name, svc in self.services.items()}
+        for name, targets in deps.items():
+            for target in targets:
+                if target not in deps:
+                    raise GraphError(f"{self.source}: {name} depends on unknown service {target!r}")
+        cycle = find_cycle(deps)
+        if cycle:
+            raise GraphError(f"{self.source}: dependsOn cycle: {' -> '.join(cycle)}")
+        order: list[str] = []
+        placed: set[str] = set()
+
+        def place(name: str) -> None:
+            if name in placed:
+                return
+            placed.add(name)
+            for dep in deps[name]:
+                place(dep)
+            order.append(name)
+
+        for name in deps:
+            place(name)
+        return order
+
+
+def find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """The first dependency cycle found, as names from and back to its first member.
+
+    Walks services in declaration order, so the same graph always names the same cycle,
+    e.g. ``["A", "B", "A"]``. Names that are not keys of ``deps`` are ignored.
+    """
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(name: str) -> list[str] | None:
+        if name in on_path:
+            return [*path[path.index(name) :], name]
+        if name in done or name not in deps:
+            return None
+        path.append(name)
+        on_path.add(name)
+        for dep in deps[name]:
+            cycle = visit(dep)
+            if cycle:
+                return cycle
+        path.pop()
+        on_path.discard(name)
+        done.add(name)
+        return None
+
+    for name in deps:
+        cycle = visit(name)
+        if cycle:
+            return cycle
+    return None
