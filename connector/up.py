@@ -124,6 +124,8 @@ def _build_exporter(connector: LocalConnector, telemetry: Any) -> Any:
 
     exporter = build_exporter(
         connector,
+        # The same allocation map GET /v1/resources serves, when the connector has one.
+        machine_view=getattr(connector, "get_machine_resources", None),
         queue_reader=connector.get_prefill_queue_metrics if connector.options.nats_url else None,
     )
     exporter.instrument_otel(telemetry.meter_provider)

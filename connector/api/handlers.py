@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -227,9 +227,22 @@ async def get_prefill_queue(request: web.Request) -> web.Response:
     return json_ok(await context(request).connector.get_prefill_queue_metrics())
 
 
+class MachineResourcesSource(Protocol):
+    async def __call__(self) -> dict[str, Any]: ...
+
+
 async def get_resources(request: web.Request) -> web.Response:
+    """The allocation map: ``LocalConnector.get_machine_resources()`` (the machine view the
+    exporter reads too: ``gpus`` with their state and owners, CPU and memory budgets)."""
     connector = context(request).connector
-    return json_ok(await connector.get_machine_resources())
+    source: MachineResourcesSource | None = getattr(connector, "get_machine_resources", None)
+    if source is None:
+        raise Unavailable(
+            "this connector does not report its resource allocation (no resource manager "
+            "with get_machine_resources)",
+            feature="resources",
+        )
+    return json_ok(await source())
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:

@@ -27,7 +27,8 @@ class Check:
 
 async def supervisor_check(connector: LocalConnector, timeout_s: float) -> Check:
     """circusd answers ``list`` on the connector's own serialized channel."""
-    # The connector keeps its channel private; the lead may expose a public probe later.
+    # The same serialized channel the reconcile loop uses, so "ready" means our commands
+    # get through, not merely that some socket answers. (LocalConnector keeps it private.)
     channel = getattr(connector, "_channel", None)
     if channel is None:
         return Check(False, "the connector has no supervisor channel (not initialized)")
