@@ -343,3 +343,19 @@ async def test_readiness_includes_discovery_when_configured(tmp_path: Path) -> N
             "detail": f"file discovery at {tmp_path / 'discovery'} is healthy",
         }
         assert body["checks"]["supervisor"]["ok"] is True
+
+
+async def test_resources_without_a_resource_report_is_503(
+    api: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.local import LocalConnector
+
+    monkeypatch.delattr(LocalConnector, "get_machine_resources", raising=False)
+    status, body, _ = await api.call("GET", "/v1/resources")
+    assert status == 503
+    assert error_of(body) == {
+        "code": "unavailable",
+        "message": "this connector does not report its resource allocation (no resource "
+        "manager with get_machine_resources)",
+        "details": {"feature": "resources"},
+    }
