@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -27,13 +28,14 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import aiohttp
 import psutil
 import pytest
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 40
@@ -49,17 +51,30 @@ class ServerStartError(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_port(below: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    ``below``: only ports under that number (e.g. 32768: ai-dynamo-runtime 1.6.1 reads
+    ``DYN_SYSTEM_PORT`` as a signed 16-bit number), picked at random and tried by binding.
+    """
+    if below is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port: int = s.getsockname()[1]
+            return port
+    rng = random.Random()
+    for _ in range(200):
+        candidate = rng.randrange(max(1024, below // 2), below)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free loopback port below {below}")
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05
-) -> object:
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
     """Poll ``predicate`` until it returns something truthy; return that value.
 
     Raises :class:`TimeoutError` after ``timeout`` seconds. Exceptions from the predicate
@@ -81,11 +96,17 @@ def wait_until(
         time.sleep(interval)
 
 
+@overload
 async def wait_until_async(
-    predicate: Callable[[], object | Awaitable[object]],
-    timeout: float = 10.0,
-    interval: float = 0.05,
-) -> object:
+    predicate: Callable[[], Awaitable[T]], timeout: float = ..., interval: float = ...
+) -> T: ...
+@overload
+async def wait_until_async(
+    predicate: Callable[[], T], timeout: float = ..., interval: float = ...
+) -> T: ...
+async def wait_until_async(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
     """:func:`wait_until` for async tests; ``predicate`` may be sync or async."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None

@@ -1,0 +1,5 @@
+"""``python -m connector.mockworker``."""
+
+from connector.mockworker.app import main
+
+raise SystemExit(main())
