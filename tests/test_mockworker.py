@@ -564,3 +564,25 @@ async def test_real_dynamo_runtime_registers_serves_metrics_and_deregisters(
         await wait_until_async(served, timeout=10)
     assert await asyncio.to_thread(worker.stop, signal.SIGTERM, 15) == 0
     assert not path.exists()
+
+
+async def test_real_dynamo_runtime_registers_in_etcd_under_its_lease(
+    spawn: Any, etcd_server: EtcdServer
+) -> None:
+    pytest.importorskip("dynamo.runtime", reason="ai-dynamo-runtime is not installed")
+    worker = spawn(
+        "--use-dynamo-runtime",
+        DYN_DISCOVERY_BACKEND="etcd",
+        ETCD_ENDPOINTS=etcd_server.url,
+        ETCD_LEASE_TTL="5",
+    )
+    iid = await asyncio.to_thread(worker.instance_id, 30)
+    key = instance_key("dynamo", "backend", "generate", iid).encode()
+    async with aetcd.Client(etcd_server.host, etcd_server.port, timeout=5) as client:
+        got = await client.get(key)
+        assert got is not None
+        assert got.lease == iid
+        assert json.loads(got.value)["instance_id"] == iid
+        assert (await client.get_lease_info(iid)).grantedTTL == 5
+        assert await asyncio.to_thread(worker.stop, signal.SIGTERM, 15) == 0
+        assert await client.get(key) is None
