@@ -73,6 +73,28 @@ def queries(data: dict[str, Any]) -> list[DashboardQuery]:
     return out
 
 
+def substitute(
+    expr: str, *, rate_interval: str, range_: str, interval: str = "1s", all_value: str = ".*"
+) -> str:
+    """``expr`` as Grafana sends it to Prometheus: global variables replaced by the given
+    durations, dashboard variables by their "All" value (they only occur in ``=~``)."""
+
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1)
+        globals_ = {
+            "__rate_interval": rate_interval,
+            "__range": range_,
+            "__interval": interval,
+        }
+        if name in globals_:
+            return globals_[name]
+        if name.startswith("__"):
+            raise ValueError(f"${name}: no value for this Grafana global variable")
+        return all_value
+
+    return _VARIABLE.sub(one, expr)
+
+
 def _panels(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for panel in data.get("panels", []):
         yield panel
@@ -174,4 +196,4 @@ def lint(data: dict[str, Any], recorded: frozenset[str] = frozenset()) -> list[s
     return problems
 
 
-__all__ = ["DashboardQuery", "lint", "lint_expr", "queries"]
+__all__ = ["DashboardQuery", "lint", "lint_expr", "queries", "substitute"]

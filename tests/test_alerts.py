@@ -14,6 +14,7 @@ import yaml
 
 from dashboards.promql import check_expr, selectors
 from dashboards.rules import RULE_TESTS_DIR, RULES_FILE, Rule, load_rules, recorded_names
+from tests.servers import PrometheusFactory
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = REPO / "docs" / "alerts.md"
@@ -102,6 +103,15 @@ def test_promtool_unit_tests_fail_when_a_rule_changes(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "alertname: DynamoLocalGPUHot, time: 6m" in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+async def test_a_real_prometheus_loads_the_rules(prometheus_server: PrometheusFactory) -> None:
+    prom = prometheus_server([], rule_files=[RULES_FILE])
+    data = await prom._api("/api/v1/rules")
+    loaded = [(g["name"], r["name"]) for g in data["groups"] for r in g["rules"]]
+    assert sorted(loaded) == sorted((r.group, r.name) for r in load_rules())
+    assert all(r["health"] != "err" for g in data["groups"] for r in g["rules"])
 
 
 # --------------------------------------------------------------------------- coverage

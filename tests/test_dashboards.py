@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dashboards import generate
-from dashboards.lint import lint, queries
+from dashboards.lint import lint, queries, substitute
 from dashboards.promql import (
     DYNAMO_FRONTEND_JOB,
     JOB,
@@ -27,6 +27,7 @@ from dashboards.promql import (
 )
 from dashboards.rules import recorded_names
 from exporter.catalog import CATALOG
+from tests.servers import PrometheusFactory
 
 REPO = Path(__file__).resolve().parent.parent
 JSON_DIR = REPO / "dashboards" / "json"
@@ -398,3 +399,36 @@ def test_dashboard_provider_reads_the_folder_compose_mounts() -> None:
     )
     assert mounts[provider["options"]["path"]] == "./dashboards/json"
     assert mounts["/etc/grafana/provisioning"] == "./dashboards/provisioning"
+
+
+# --------------------------------------------------------------------------- real Prometheus
+
+
+@pytest.mark.integration
+async def test_every_dashboard_expression_parses_on_a_real_prometheus(
+    prometheus_server: PrometheusFactory,
+) -> None:
+    """What Grafana would send (variables substituted) is valid PromQL for Prometheus
+    itself; whether each returns data is tests/test_prometheus_proof.py's business."""
+    prom = prometheus_server([])
+    errors = []
+    count = 0
+    for data in all_dashboards():
+        for q in queries(data):
+            expr = substitute(q.expr, rate_interval="4s", range_="1h")
+            count += 1
+            try:
+                await prom.query(expr)
+            except AssertionError as exc:
+                errors.append(f"{q.dashboard}: {q.where}: {exc}")
+    assert errors == []
+    assert count > 90
+
+
+def test_substitute_replaces_grafana_variables() -> None:
+    expr = 'sum(increase(x{a=~"$namespace", b=~"${component}"}[$__rate_interval])) + y[$__range]'
+    assert substitute(expr, rate_interval="4s", range_="1m") == (
+        'sum(increase(x{a=~".*", b=~".*"}[4s])) + y[1m]'
+    )
+    with pytest.raises(ValueError, match=r"\$__range_ms: no value"):
+        substitute("x[$__range_ms]", rate_interval="4s", range_="1m")
