@@ -34,7 +34,7 @@ def circus_stream_options(paths: dict[str, str], policy: LogPolicy) -> dict[str,
     options: dict[str, Any] = {}
     for stream in STREAMS:
         options[f"{stream}_stream"] = {
-            "class": "FileStream",
+            "class": "connector.circus_stream.LineFileStream",
             "filename": paths[stream],
             "max_bytes": policy.max_bytes,
             "backup_count": policy.backup_count,
