@@ -24,6 +24,7 @@ from typing import Any
 from connector import procs
 from connector.errors import (
     ConnectorClosed,
+    ConnectorError,
     CrashLoop,
     InvalidReplicas,
     ReplicaLimit,
@@ -105,6 +106,7 @@ class LocalConnector:
         self._started_circusd = False
         self._closed = False
         self._extensions: list[Any] = []  # started after the loop, stopped before it
+        self._metrics_source: Callable[[str], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ creation
 
@@ -296,9 +298,40 @@ class LocalConnector:
         # Drain and stop every replica concurrently, through the same path as a scale-down.
         tasks = []
         for replica in list(self.state.replicas.values()):
-            tasks.append(rec._stop(replica, None, "connector shutdown"))
+            was_ready = replica.phase == "ready"
+            tasks.append(rec._stop(replica, None, "connector shutdown", was_ready))
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def supervisor_ok(self, timeout_s: float = 2.0) -> bool:
+        """True when circusd answers a ``list`` within ``timeout_s``."""
+        channel = self.reconciler.channel if self.reconciler is not None else self._channel
+        if channel is None or self._closed:
+            return False
+        try:
+            await channel.call("list", timeout_s=timeout_s)
+        except ConnectorError:
+            return False
+        except Exception:
+            return False
+        return True
+
+    def set_metrics_source(self, source: Callable[[str], dict[str, Any]] | None) -> None:
+        """Where ``get_component_metrics``/``get_resource_usage`` read usage from: the
+        exporter's latest snapshot when one runs (same numbers as ``/metrics``)."""
+        self._metrics_source = source
+
+    async def get_machine_resources(self) -> dict[str, Any]:
+        """The whole machine: GPUs (owner, used/total, leaked), CPU and memory budgets,
+        ports and sockets in use."""
+        self._live()
+        assert self.resources is not None
+        view: dict[str, Any] = self.resources.machine_view()
+        return view
 
     def _live(self) -> Reconciler:
         if self._closed:
@@ -409,7 +442,7 @@ class LocalConnector:
         op = rec.begin_op(name, target, kind="restart", source="api")
         for replica in self.state.replicas_of(name):
             if replica.phase != "stopping":
-                rec._launch(replica.watcher, rec._stop(replica, op, "restart"), replace=True)
+                rec.begin_stop(replica, op, "restart")
         rec.plan(name, op)
         await rec.save()
         rec.wake()

@@ -71,6 +71,8 @@ class ResourceBroker(Protocol):
 
     async def release(self, replica_id: str, pids: Any) -> Any: ...
 
+    def machine_view(self) -> dict[str, Any]: ...
+
 
 ReplicaHook = Callable[[ReplicaRecord], Awaitable[None]]
 
@@ -217,7 +219,7 @@ class Reconciler:
     async def _stop_unknown_components(self) -> None:
         for rec in list(self.state.replicas.values()):
             if rec.component not in self.graph.services and rec.phase != "stopping":
-                self._launch(rec.watcher, self._stop(rec, None, "component left the graph"))
+                self.begin_stop(rec, None, "component left the graph")
 
     def plan(self, name: str, op: ScaleOp | None = None) -> PlanResult:
         """Decide and launch what one component needs now. Synchronous: atomic on the loop."""
@@ -275,7 +277,7 @@ class Reconciler:
             victims = sorted(live, key=lambda r: (r.phase == "ready", -r.ordinal))[:-missing]
             for rec in victims:
                 result.stopping.append(rec.replica_id)
-                self._launch(rec.watcher, self._stop(rec, op, "scale down"), replace=True)
+                self.begin_stop(rec, op, "scale down")
         return result
 
     def _launch(self, watcher: str, coro: Awaitable[None], replace: bool = False) -> None:
@@ -616,10 +618,19 @@ class Reconciler:
     def _schedule_wake(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
 
-    async def _stop(self, rec: ReplicaRecord, op: ScaleOp | None, why: str) -> None:
+    def begin_stop(self, rec: ReplicaRecord, op: ScaleOp | None, why: str) -> None:
+        """Mark a replica stopping now (so no pass counts it as live) and stop it."""
+        if rec.phase == "stopping" and rec.watcher in self._tasks:
+            return
+        was_ready = rec.phase == "ready"
+        rec.phase = "stopping"
+        self._launch(rec.watcher, self._stop(rec, op, why, was_ready), replace=True)
+
+    async def _stop(
+        self, rec: ReplicaRecord, op: ScaleOp | None, why: str, was_ready: bool = False
+    ) -> None:
         """Drain, stop (SIGTERM to the group, then SIGKILL), remove the watcher, release."""
         svc = self.graph.services.get(rec.component)
-        was_ready = rec.phase == "ready"
         rec.phase = "stopping"
         await self.save()
         await self._notify()
@@ -724,7 +735,8 @@ class Reconciler:
                 self._exit_watcher.watch(pid, self._exit_callback(watcher))
                 if rec.phase == "stopping":
                     self._launch(watcher, self._stop(rec, None, "stop interrupted by restart"))
-                elif rec.phase != "ready":
+                    continue
+                if rec.phase != "ready":
                     rec.phase = "starting"
                     self._launch(watcher, self._resume_probe(rec))
             else:

@@ -238,8 +238,28 @@ def _spawn_circusd(run_dir: Path, check_delay: float) -> tuple[subprocess.Popen[
     return proc, endpoint, pubsub
 
 
-async def start_circusd(run_dir: Path, *, check_delay: float = 0.25) -> CircusdInfo:
-    """Start a circusd we own on loopback ports and wait until it answers."""
+async def start_circusd(
+    run_dir: Path, *, check_delay: float = 0.25, attempts: int = 3
+) -> CircusdInfo:
+    """Start a circusd we own on loopback ports and wait until it answers.
+
+    Ports are picked free just before circusd binds them; if another process takes one in
+    between, circusd exits at once and we try again on fresh ports.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _start_circusd_once(run_dir, check_delay)
+        except _EarlyExit as exc:
+            if attempt == attempts:
+                raise SupervisorUnavailable(str(exc)) from None
+    raise AssertionError("unreachable")
+
+
+class _EarlyExit(Exception):
+    pass
+
+
+async def _start_circusd_once(run_dir: Path, check_delay: float) -> CircusdInfo:
     proc, endpoint, pubsub = await asyncio.to_thread(_spawn_circusd, run_dir, check_delay)
     info = CircusdInfo(endpoint, pubsub, proc.pid, psutil.Process(proc.pid).create_time())
     channel = CircusChannel(endpoint, timeout_s=0.5, busy_retry_s=0)
@@ -250,9 +270,7 @@ async def start_circusd(run_dir: Path, *, check_delay: float = 0.25) -> CircusdI
                 tail = await asyncio.to_thread(
                     lambda: _tail(run_dir / "circusd.out") + _tail(run_dir / "circusd.log")
                 )
-                raise SupervisorUnavailable(
-                    f"circusd exited with code {proc.returncode} at start-up: {tail}"
-                )
+                raise _EarlyExit(f"circusd exited with code {proc.returncode} at start-up: {tail}")
             try:
                 await channel.call("list")
                 break
