@@ -55,8 +55,6 @@ UNIT_PER_SECOND = "cps"
 UNIT_CORES = "suffix: cores"
 UNIT_REPLICAS = "suffix: replicas"
 UNIT_MESSAGES = "suffix: messages"
-UNIT_STATE = "bool_on_off"
-UNIT_TIMESTAMP = "dateTimeAsIso"
 
 
 def sel(name: str, *matchers: str) -> str:
