@@ -107,6 +107,7 @@ class LocalConnector:
         self._closed = False
         self._extensions: list[Any] = []  # started after the loop, stopped before it
         self._metrics_source: Callable[[str], dict[str, Any]] | None = None
+        self._resource_manager: Any = None
 
     # ------------------------------------------------------------------ creation
 
@@ -193,12 +194,15 @@ class LocalConnector:
     async def _make_resources(self) -> ResourceBroker:
         from connector.resources import open_resource_manager
 
-        return await open_resource_manager(
+        manager = await open_resource_manager(
             self.options.gpu_backend,
             working_dir=self.working_dir,
             namespace=self.namespace,
             port_range=self.options.port_range,
+            on_event=self.events.emit,
         )
+        self._resource_manager = manager
+        return manager
 
     async def _start_interop(self) -> None:
         """Discovery, Planner executor and queue monitor, when configured."""
@@ -289,6 +293,9 @@ class LocalConnector:
             self.state.circusd = None
         if self._channel is not None:
             self._channel.close()
+        if self._resource_manager is not None:
+            with contextlib.suppress(Exception):
+                await self._resource_manager.close()
         with contextlib.suppress(Exception):
             await self.store.save(self.state)
         await self.events.aclose()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +73,8 @@ class ResourceBroker(Protocol):
     async def release(self, replica_id: str, pids: Any) -> Any: ...
 
     def machine_view(self) -> dict[str, Any]: ...
+
+    def refresh(self, our_pids: Collection[int]) -> None: ...
 
 
 ReplicaHook = Callable[[ReplicaRecord], Awaitable[None]]
@@ -131,6 +134,7 @@ class Reconciler:
         self.ops: dict[str, ScaleOp] = {}
         self._op_done: dict[int, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._inner: dict[str, Coroutine[Any, Any, None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._exit_watcher = procs.ExitWatcher()
         self._exit_codes: dict[int, int] = {}
@@ -181,7 +185,9 @@ class Reconciler:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in list(self._tasks.values()) + list(self._background):
+        for watcher, task in list(self._tasks.items()):
+            self._cancel(watcher, task)
+        for task in list(self._background):
             task.cancel()
         for task in list(self._tasks.values()) + list(self._background):
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -203,6 +209,11 @@ class Reconciler:
         if self._circusd_alive is not None and not self._circusd_alive():
             await self._supervisor_lost()
             return
+        leaders = [r.pid for r in self.state.replicas.values() if r.pid is not None]
+        # Who else uses each GPU (NVML), so busy GPUs are not handed out.
+        await asyncio.to_thread(
+            lambda: self.resources.refresh({p for pid in leaders for p in procs.tree_pids(pid)})
+        )
         watched = [
             (r.watcher, r.pid, r.create_time)
             for r in self.state.replicas.values()
@@ -280,17 +291,25 @@ class Reconciler:
                 self.begin_stop(rec, op, "scale down")
         return result
 
-    def _launch(self, watcher: str, coro: Awaitable[None], replace: bool = False) -> None:
+    def _launch(self, watcher: str, coro: Coroutine[Any, Any, None], replace: bool = False) -> None:
         current = self._tasks.get(watcher)
         if current is not None and not current.done():
             if not replace:
-                coro.close()  # type: ignore[attr-defined]
+                coro.close()
                 return
-            current.cancel()
+            self._cancel(watcher, current)
         task = asyncio.get_running_loop().create_task(self._guard(watcher, coro))
         self._tasks[watcher] = task
+        self._inner[watcher] = coro
 
-    async def _guard(self, watcher: str, coro: Awaitable[None]) -> None:
+    def _cancel(self, watcher: str, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        inner = self._inner.get(watcher)
+        # A task cancelled before it ever ran would leave its action un-awaited.
+        if inner is not None and inspect.getcoroutinestate(inner) == inspect.CORO_CREATED:
+            inner.close()
+
+    async def _guard(self, watcher: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
         except asyncio.CancelledError:
@@ -300,6 +319,7 @@ class Reconciler:
         finally:
             if self._tasks.get(watcher) is asyncio.current_task():
                 del self._tasks[watcher]
+                self._inner.pop(watcher, None)
             await self._notify()
 
     def component_record(self, name: str) -> ComponentRecord:
@@ -517,6 +537,8 @@ class Reconciler:
                 self._reaped.pop(pid, None)
 
     async def _handle_exit(self, rec: ReplicaRecord, pid: int) -> None:
+        # Whatever the leader started dies with it: orphans would keep GPUs and ports.
+        await asyncio.to_thread(procs.kill_leftovers, pid, rec.create_time)
         # circusd reaps within its check_delay and tells us the code; wait briefly for it.
         waiter = self._reaped.setdefault(pid, asyncio.Event())
         with contextlib.suppress(TimeoutError):

@@ -138,6 +138,7 @@ async def test_add_and_remove_component_step_by_one(tmp_path: Path) -> None:
 async def test_bad_scale_requests_raise_typed_errors(tmp_path: Path) -> None:
     graph = make_graph(svc("Decode", replicas=1, min_replicas=1, max_replicas=2))
     async with running(graph, tmp_path) as conn:
+        assert await conn.scale_component("Decode", 1, timeout_s=10)
         with pytest.raises(ComponentNotFound, match="no component 'Nope' in graph 'test'"):
             await conn.scale_component("Nope", 1)
         with pytest.raises(InvalidReplicas, match="replicas must be >= 0, got -1"):
