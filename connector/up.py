@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connector.api.context import ApiSettings
+from connector.api.context import CONTEXT, ApiSettings
 from connector.errors import ConnectorError
 from connector.local import ConnectorOptions, LocalConnector
 from connector.server import RunningServer, create_app, is_loopback, loopback_hosts, start_server
@@ -119,16 +119,14 @@ class Stack:
 
 
 def _build_exporter(connector: LocalConnector, telemetry: Any) -> Any:
-    """The exporter over ``connector``; started once the connector runs."""
+    """The exporter over ``connector``; started once the connector runs. The connector
+    reads its own usage numbers from it, so the API and ``/metrics`` agree."""
+    from connector.usage import exporter_sources
     from exporter.service import build_exporter
 
-    exporter = build_exporter(
-        connector,
-        # The same allocation map GET /v1/resources serves, when the connector has one.
-        machine_view=getattr(connector, "get_machine_resources", None),
-        queue_reader=connector.get_prefill_queue_metrics if connector.options.nats_url else None,
-    )
+    exporter = build_exporter(connector, **exporter_sources(connector))
     exporter.instrument_otel(telemetry.meter_provider)
+    connector.set_metrics_source(exporter.component_metrics)
     return exporter
 
 
@@ -152,7 +150,6 @@ async def run_up(
         except TelemetryConfigError as exc:
             raise StartupError(f"OpenTelemetry settings: {exc}") from exc
         connector = await _load_connector(config)
-        exporter = _build_exporter(connector, stack.telemetry) if config.metrics else None
         settings = ApiSettings(
             allowed_hosts=loopback_hosts(config.host) if is_loopback(config.host) else None
         )
@@ -160,7 +157,6 @@ async def run_up(
             connector,
             token=config.token,
             auth_all=config.auth_all,
-            exporter=exporter,
             request_shutdown=stop.set,
             settings=settings,
         )
@@ -172,9 +168,12 @@ async def run_up(
             raise StartupError(exc.strerror or str(exc)) from exc
         await connector.initialize()  # cleans up after itself when it fails
         stack.connector = connector
-        if exporter is not None:
+        if config.metrics:
+            # Built after initialize: it samples the GPUs the connector opened.
+            exporter = _build_exporter(connector, stack.telemetry)
             await exporter.start()
             stack.exporter = exporter
+            app[CONTEXT].exporter = exporter
         _announce(connector, stack.server, config, out)
         if on_listening is not None:
             on_listening(stack.server)
