@@ -136,6 +136,9 @@ async def _waiting_call(
         print_json(result)
     else:
         out.print(_summary(result), markup=False)
+    if args.wait and not result.get("converged", True):
+        fail(str(result.get("reason", "did not converge")))
+        return EXIT_NOT_CONVERGED
     return EXIT_OK
 
 

@@ -74,23 +74,18 @@ async def test_scale_from_the_cli_user_agent_is_recorded_as_cli(api: Served) -> 
     assert [e.source for e in api.connector.recent_events(0) if e.kind == "scale"][-1] == "cli"
 
 
-async def test_scale_wait_timeout_is_504_and_keeps_the_target(api: Served) -> None:
+async def test_scale_wait_timeout_is_202_unconverged_and_keeps_the_target(api: Served) -> None:
     status, body, _ = await api.call(
         "PUT", "/v1/components/Slow/replicas", body={"replicas": 1, "wait": True, "timeout_s": 0.3}
     )
-    assert status == 504
-    error = error_of(body)
-    assert error["code"] == "scale_timeout"
-    assert error["message"] == (
+    assert status == 202
+    assert body["converged"] is False
+    assert body["waited"] is True
+    assert body["reason"] == (
         "Slow did not converge to 1 ready replicas within 0.3 s (0 ready, status starting)"
     )
-    assert error["details"] == {
-        "component": "Slow",
-        "target": 1,
-        "desired": 1,
-        "ready": 0,
-        "status": "starting",
-    }
+    assert body["state"]["replicas"]["desired"] == 1
+    assert body["state"]["status"] == "starting"
     assert api.connector.view().component("Slow").desired == 1  # type: ignore[union-attr]
 
 

@@ -113,10 +113,25 @@ def _operation_result(
     }
 
 
+def _unconverged(
+    ctx: ApiContext, name: str, operation: str, target: int, waited_s: float
+) -> web.Response:
+    """A wait that ended unconverged. Superseded by a newer target: 409. Out of time: 202
+    (accepted, still converging) with ``converged: false`` and the reason; a client-chosen
+    deadline passing is not a server error."""
+    err = _not_converged(ctx, name, operation, target, waited_s)
+    if not isinstance(err, ScaleTimeout):
+        raise err
+    result = _operation_result(ctx, name, operation, target, True)
+    result["converged"] = False
+    result["reason"] = err.message
+    return json_ok(result, status=202)
+
+
 def _not_converged(
     ctx: ApiContext, name: str, operation: str, target: int, waited_s: float
 ) -> ConnectorError:
-    """Why a wait returned False: a newer target replaced it (409), or time ran out (504)."""
+    """Why a wait returned False: a newer target replaced it (409), or time ran out."""
     view = ctx.connector.view()
     component = require_component(view, name, ctx.connector.graph.name)
     details = {
@@ -158,7 +173,7 @@ async def put_replicas(request: web.Request) -> web.Response:
         name, replicas, blocking=wait, timeout_s=timeout_s, source=_source(request)
     )
     if wait and not ok:
-        raise _not_converged(ctx, name, "scale", replicas, timeout_s)
+        return _unconverged(ctx, name, "scale", replicas, timeout_s)
     return json_ok(
         _operation_result(ctx, name, "scale", replicas, wait), status=200 if wait else 202
     )
@@ -173,7 +188,7 @@ async def restart_component(request: web.Request) -> web.Response:
     target = require_component(view, name, ctx.connector.graph.name).desired
     ok = await ctx.connector.restart_component(name, blocking=wait, timeout_s=timeout_s)
     if wait and not ok:
-        raise _not_converged(ctx, name, "restart", target, timeout_s)
+        return _unconverged(ctx, name, "restart", target, timeout_s)
     return json_ok(
         _operation_result(ctx, name, "restart", target, wait), status=200 if wait else 202
     )

@@ -120,7 +120,8 @@ ROUTES: tuple[Route, ...] = (
             "Sets the target and returns 202 at once, or with `wait` returns 200 when every "
             "desired replica is ready. 409: outside minReplicas..maxReplicas, component in "
             "crashloop, not enough GPUs/CPU/memory, or superseded by a newer target while "
-            "waiting. 504: not converged within `timeout_s` (the target stays set)."
+            "waiting. With `wait`, 202 and `converged: false` when `timeout_s` ran out (the target "
+            "stays set and the loop keeps converging)."
         ),
         path_params=(NAME,),
         body=ref("ScaleRequest"),

@@ -167,7 +167,8 @@ WAIT_PROPERTIES: Schema = {
     "wait": {
         "type": "boolean",
         "default": False,
-        "description": "answer only when the component has converged (or timed out: 504)",
+        "description": "answer only when the component has converged "
+        "(or `timeout_s` ran out: 202 with converged false)",
     },
     "timeout_s": {
         "type": "number",
@@ -205,8 +206,10 @@ OPERATION_RESULT: Schema = {
         "waited": {"type": "boolean"},
         "converged": {
             "type": "boolean",
-            "description": "every desired replica is ready (always true after a wait)",
+            "description": "every desired replica is ready; false after a wait that ran out "
+            "of time (the target stays set and the loop keeps converging)",
         },
+        "reason": {"type": "string", "description": "why a wait ended unconverged"},
         "state": ref("Component"),
     },
 }
