@@ -276,7 +276,7 @@ class Reconciler:
                 self._blocked[name] = comp.target
                 first = result.refused[0]
                 self.events.emit(
-                    "allocation",
+                    "allocate",
                     component=name,
                     outcome="refused",
                     reason=first.message,
@@ -635,7 +635,7 @@ class Reconciler:
                 other.reservation = None
         op = self.ops.get(rec.component)
         if op is not None and not op.done:
-            self._finish_op(op, "crashloop", comp.crashloop_reason)
+            self._finish_op(op, "failed", f"crashloop: {comp.crashloop_reason}")
 
     def _schedule_wake(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)

@@ -28,13 +28,15 @@ def component_status(comp: ComponentRecord, recs: list[ReplicaRecord]) -> str:
     return "degraded"
 
 
-def replica_view(rec: ReplicaRecord) -> ReplicaView:
+def replica_view(rec: ReplicaRecord, crashloop: bool = False) -> ReplicaView:
     res = rec.reservation or {}
+    # A replica left down by its component's crash loop reads as "crashloop", not "exited".
+    state = "crashloop" if crashloop and rec.phase == "exited" else rec.phase
     return ReplicaView(
         component=rec.component,
         replica=str(rec.ordinal),
         watcher=rec.watcher,
-        state=rec.phase,
+        state=state,
         ready=rec.phase == "ready",
         pid=rec.pid,
         create_time=rec.create_time,
@@ -86,7 +88,8 @@ def build_view(connector: LocalConnector) -> ConnectorView:
                 reason=reason,
             )
         )
-    replicas = tuple(replica_view(r) for r in state.replicas.values())
+    looping = {name for name, comp in state.components.items() if comp.crashloop}
+    replicas = tuple(replica_view(r, r.component in looping) for r in state.replicas.values())
     return ConnectorView(
         namespace=connector.namespace,
         taken_at=time.time(),
