@@ -211,6 +211,8 @@ async def test_down_stops_a_running_up(tmp_path: Path, http: aiohttp.ClientSessi
         down = await cli("down", "--url", up.url, env=env)
         assert down.code == 0, down.err
         assert down.err.splitlines()[-1] == "dynamo-local: stopped"
+        # `down` returns once every replica is gone; the process exits right after.
+        assert await asyncio.wait_for(up.proc.wait(), 30) == 0
     finally:
         if up.proc.returncode is None:
             up.proc.send_signal(signal.SIGINT)
