@@ -1,0 +1,62 @@
+"""The exporter over a real LocalConnector (real circusd, real process trees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connector.usage import exporter_sources
+from exporter.exposition import Format
+from exporter.service import build_exporter
+from tests.core_helpers import make_graph, python_cmd, running, svc
+from tests.exporter_helpers import key, samples, series_with
+
+pytestmark = pytest.mark.integration
+
+# A replica that forks a child: its tree has two processes.
+FORKING = python_cmd(
+    "import subprocess, time; p = subprocess.Popen(['sleep', '300']); time.sleep(300)"
+)
+
+
+async def test_scaling_a_real_connector_shows_in_metrics_and_usage(tmp_path: Path) -> None:
+    graph = make_graph(svc("decode", FORKING, replicas=1))
+    async with running(graph, tmp_path) as connector:
+        exporter = build_exporter(connector, **exporter_sources(connector), interval_s=3600.0)
+        await exporter.start()
+        try:
+            assert await connector.scale_component("decode", 3)
+            await exporter.sample_once()
+            text = exporter.exposition.render(Format.TEXT)
+            values = samples(text)
+            decode = connector.view().component("decode")
+            assert decode is not None
+            ns = decode.dynamo_namespace
+            comp = {"dynamo_namespace": ns, "dynamo_component": "decode"}
+            assert values[key("dynamo_local_component_replicas_ready", **comp)] == 3
+            replicas = sorted(r.replica for r in connector.view().replicas_of("decode"))
+            for ordinal in replicas:
+                labels = {**comp, "replica": ordinal}
+                assert values[key("dynamo_local_replica_processes", **labels)] == 2
+            ops = key(
+                "dynamo_local_scale_operations_total",
+                **comp, direction="up", source="api", outcome="ok",
+            )  # fmt: skip
+            assert values[ops] == 1
+            usage = exporter.component_metrics("decode")
+            assert usage["totals"]["processes"] == 6
+            assert [r["replica"] for r in usage["replicas"]] == replicas
+
+            assert await connector.scale_component("decode", 1)
+            await exporter.sample_once()
+            text = exporter.exposition.render(Format.TEXT)
+            (kept,) = [r.replica for r in connector.view().replicas_of("decode")]
+            for ordinal in replicas:
+                found = series_with(text, "replica_cpu_seconds_total", f'replica="{ordinal}"')
+                assert bool(found) == (ordinal == kept), ordinal
+            snapshot = exporter.latest_snapshot()
+            assert snapshot is not None
+            assert {h.source: h.up for h in snapshot.health}["circus"] is True
+        finally:
+            await exporter.stop()
