@@ -173,9 +173,18 @@ async def _cycle_cpu(sample: Callable[[], Any], cycles: int) -> float:
     return (time.process_time() - cpu0) / cycles
 
 
-async def bench_ours(procs: list[psutil.Process], pace: Pace, cycles: int) -> Result:
+async def bench_ours(
+    procs: list[psutil.Process], pace: Pace, cycles: int, nvml_capture: str | None
+) -> Result:
     reader = BenchReader(procs)
-    exporter = build_exporter(reader, interval_s=1.0)
+    gpu: Any = None
+    if nvml_capture:
+        from connector.nvml import FakeGpuBackend
+
+        # The capture's GPU process becomes the first replica's, so attribution runs too.
+        captured = json.loads(Path(nvml_capture).read_text())["devices"][0]["compute_procs"]
+        gpu = FakeGpuBackend(nvml_capture, pid_map={p["pid"]: procs[0].pid for p in captured})
+    exporter = build_exporter(reader, gpu_backend=gpu, interval_s=1.0)
     await exporter.sample_once()
     await exporter.sample_once()
     cycle_cpu = await _cycle_cpu(exporter.sample_once, cycles)
@@ -269,7 +278,7 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             procs = [psutil.Process(c.pid) for c in children]
             pace = Pace(args.seconds, args.pace_ms / 1e3, args.min_scrapes)
-            ours.append(await bench_ours(procs, pace, args.cycles))
+            ours.append(await bench_ours(procs, pace, args.cycles, args.nvml_fake))
             if binary and not args.no_baseline:
                 base.append(bench_process_exporter(binary, n, pace))
         finally:
@@ -338,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-scrapes", type=int, default=30, help="scrapes at least")
     parser.add_argument("--cycles", type=int, default=20, help="sampling cycles timed per size")
     parser.add_argument("--no-baseline", action="store_true", help="skip process-exporter")
+    parser.add_argument(
+        "--nvml-fake",
+        metavar="CAPTURE",
+        help="also sample GPUs from an NVML capture (../shared/fixtures/nvml/*.json)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     return asyncio.run(main_async(parser.parse_args(argv)))
 
