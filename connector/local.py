@@ -32,6 +32,7 @@ from connector.errors import (
 )
 from connector.events import Event, EventLog, Subscriber
 from connector.graph import Graph
+from connector.planner_interface import PlannerConnectorMixin
 from connector.reconcile import Hooks, Reconciler, ResourceBroker
 from connector.state import ConnectorState, StateStore
 from connector.status import build_view
@@ -73,7 +74,7 @@ def default_working_dir(namespace: str) -> Path:
     return Path.home() / ".dynamo" / "local" / namespace
 
 
-class LocalConnector:
+class LocalConnector(PlannerConnectorMixin):
     """Supervises one graph in one namespace. Create with :meth:`create`."""
 
     def __init__(
