@@ -1,12 +1,172 @@
-"""Wires Dynamo interop (discovery, Planner executor, prefill queue) into a connector."""
+"""Wires Dynamo interop (discovery, Planner executor, prefill queue) into a connector.
+
+Configuration comes from :class:`connector.local.ConnectorOptions`: ``discovery``
+(``file`` | ``etcd`` | ``none``), ``file_kv`` (default ``<working_dir>/discovery``),
+``etcd_url``, ``nats_url``, ``planner_executor``, and in ``extra``:
+``prefill_queue_stream`` (default ``{graph namespace}_prefill_queue``),
+``prefill_queue_consumer`` (default ``worker-group``), ``prefill_queue_metrics_url`` and
+``prefill_queue_metric`` (a gauge such as ``dynamo_frontend_queued_requests``),
+``prefill_queue_metric_labels`` (a label filter for it).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from connector.discovery import Discovery, open_discovery
+from connector.discovery_bridge import DiscoveryBridge
+from connector.errors import DiscoveryUnavailable
+from connector.planner import DecisionOutcome, VirtualConnectorExecutor, apply_decision
+from connector.queues import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
+from connector.topology import build_topology, observe_links
 
 if TYPE_CHECKING:
     from connector.local import LocalConnector
 
 
+@dataclass
+class Interop:
+    """Everything Dynamo-specific one connector runs; closed in reverse order."""
+
+    discovery: Discovery | None = None
+    bridge: DiscoveryBridge | None = None
+    executor: VirtualConnectorExecutor | None = None
+    queue: PrefillQueueMonitor | None = None
+
+    async def close(self) -> None:
+        if self.executor is not None:
+            await self.executor.close()
+        if self.queue is not None:
+            await self.queue.close()
+        if self.bridge is not None:
+            await self.bridge.close()
+        if self.discovery is not None:
+            await self.discovery.close()
+
+
+def interop_of(connector: LocalConnector) -> Interop | None:
+    return next((e for e in connector._extensions if isinstance(e, Interop)), None)
+
+
+def _namespaces(connector: LocalConnector) -> list[str]:
+    graph = connector.graph
+    names = {graph.namespace} | {
+        s.dynamo_namespace for s in graph.services.values() if s.dynamo_namespace
+    }
+    return sorted(names)
+
+
 async def start_interop(connector: LocalConnector) -> list[Any]:
-    return []
+    """Start what the options ask for and plug it into the connector's hooks."""
+    opts = connector.options
+    interop = Interop()
+    try:
+        if opts.discovery != "none":
+            root = opts.file_kv or connector.working_dir / "discovery"
+            discovery = open_discovery(
+                opts.discovery,
+                file_root=root,
+                etcd_url=opts.etcd_url,
+                namespaces=_namespaces(connector),
+            )
+            await discovery.start()
+            interop.discovery = discovery
+            extra_env = {"NATS_SERVER": opts.nats_url} if opts.nats_url else {}
+            bridge = DiscoveryBridge(connector, discovery, extra_env=extra_env)
+            await bridge.start()
+            interop.bridge = bridge
+            hooks = connector.hooks
+            hooks.discovery_probe = bridge.probe
+            hooks.before_stop = bridge.before_stop
+            hooks.after_exit = bridge.after_exit
+            hooks.replica_env = bridge.replica_env
+        elif opts.nats_url:
+            nats_env = {"NATS_SERVER": opts.nats_url}
+            connector.hooks.replica_env = lambda: dict(nats_env)
+        if opts.planner_executor:
+            interop.executor = await _start_executor(connector)
+        interop.queue = _queue_monitor(connector)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await interop.close()
+        raise
+    return [interop]
+
+
+async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor:
+    opts = connector.options
+    if not opts.etcd_url:
+        raise DiscoveryUnavailable(
+            "the Planner executor (planner_executor=True) reads the Planner's decisions "
+            "from etcd: set etcd_url",
+        )
+
+    async def apply(prefill: int | None, decode: int | None, decision_id: int) -> DecisionOutcome:
+        # A decision pending at start-up waits until the connector has re-adopted its
+        # replicas and runs its loop, so it never races the adoption.
+        while not connector._initialized:
+            if connector._closed:
+                return DecisionOutcome("failed", "connector shut down during start-up")
+            await asyncio.sleep(0.05)
+        return await apply_decision(
+            connector.graph,
+            connector,
+            prefill,
+            decode,
+            decision_id,
+            timeout_s=opts.scale_timeout_s,
+        )
+
+    executor = VirtualConnectorExecutor(
+        opts.etcd_url, connector.graph.namespace, apply, connector.events
+    )
+    await executor.start()
+    return executor
+
+
+def _queue_monitor(connector: LocalConnector) -> PrefillQueueMonitor:
+    opts = connector.options
+    extra = opts.extra
+    return PrefillQueueMonitor(
+        opts.nats_url,
+        str(extra.get("prefill_queue_stream") or default_stream(connector.graph.namespace)),
+        str(extra.get("prefill_queue_consumer") or DEFAULT_CONSUMER),
+        metrics_url=extra.get("prefill_queue_metrics_url"),
+        metric_name=extra.get("prefill_queue_metric"),
+        metric_labels=extra.get("prefill_queue_metric_labels"),
+    )
+
+
+async def system_topology(connector: LocalConnector) -> dict[str, Any]:
+    """Graph, replicas, discovery instances and observed links, joined."""
+    interop = interop_of(connector)
+    view = connector.view()
+    instances = interop.discovery.instances() if interop and interop.discovery else []
+    owners: dict[str, str | None] = {}
+    if interop is not None and interop.bridge is not None:
+        owners = {inst.key: interop.bridge.owner(inst) for inst in instances}
+
+    def measure() -> Any:
+        pids = {
+            name: [pid for tree in connector.replica_pids(name).values() for pid in tree]
+            for name in connector.graph.services
+        }
+        return observe_links(pids)
+
+    links = await asyncio.to_thread(measure)
+    return build_topology(connector.graph, view, instances, links, owners)
+
+
+async def prefill_queue_metrics(connector: LocalConnector) -> dict[str, Any]:
+    interop = interop_of(connector)
+    monitor = interop.queue if interop is not None else None
+    if monitor is None:
+        monitor = _queue_monitor(connector)
+        try:
+            return await monitor.read()
+        finally:
+            await monitor.close()
+    return await monitor.read()
