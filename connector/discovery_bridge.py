@@ -80,6 +80,7 @@ class DiscoveryBridge:
         self.extra_env = dict(extra_env or {})
         self.sweep_s = sweep_s
         self.owners: dict[str, str] = {}  # instance key -> replica id, once decided
+        self.reaped_total = 0  # entries removed because their replica's process was gone
         self._unsubscribe: Callable[[], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -240,6 +241,8 @@ class DiscoveryBridge:
         finally:
             self._removing.discard(inst.key)
         self.owners.pop(inst.key, None)
+        if why != "drain":
+            self.reaped_total += 1
         self.host.events.emit(
             "reap",
             component=replica.rsplit("/", 1)[0],
@@ -253,6 +256,16 @@ class DiscoveryBridge:
                 "revoked": revoke and inst.backend == "etcd",
             },
         )
+
+    def stats(self) -> dict[str, Any]:
+        """Instances per managed component (for the exporter), and entries reaped so far."""
+        per_component: dict[str, int] = {name: 0 for name in self.host.graph.services}
+        for inst in self.discovery.instances():
+            owner = self.owner(inst)
+            if owner is not None:
+                component = owner.rsplit("/", 1)[0]
+                per_component[component] = per_component.get(component, 0) + 1
+        return {"instances": per_component, "stale_reaped_total": self.reaped_total}
 
     # ------------------------------------------------------------------ reaper
 

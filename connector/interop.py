@@ -140,6 +140,14 @@ def _queue_monitor(connector: LocalConnector) -> PrefillQueueMonitor:
     )
 
 
+def discovery_stats(connector: LocalConnector) -> dict[str, Any]:
+    """Instances per component and stale entries reaped, as the exporter reads them."""
+    interop = interop_of(connector)
+    if interop is None or interop.bridge is None:
+        return {}
+    return interop.bridge.stats()
+
+
 async def system_topology(connector: LocalConnector) -> dict[str, Any]:
     """Graph, replicas, discovery instances and observed links, joined."""
     interop = interop_of(connector)

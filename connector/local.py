@@ -529,6 +529,12 @@ class LocalConnector(PlannerConnectorMixin):
 
         return await component_metrics(self, name)
 
+    def discovery_stats(self) -> dict[str, Any]:
+        """Discovery instances per component and stale entries reaped (no I/O)."""
+        from connector.interop import discovery_stats
+
+        return discovery_stats(self)
+
     async def get_system_topology(self) -> dict[str, Any]:
         self._live()
         from connector.interop import system_topology

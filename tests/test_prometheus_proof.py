@@ -116,11 +116,6 @@ NEEDS_GPU_REPLICA = (
 NO_THROTTLE = "the captured GPU reports no active clock-event (throttle) reason"
 NEEDS_NATS = "needs the NATS JetStream prefill queue (up --nats-url); the demo has none"
 NEEDS_PLANNER = "needs a Planner decision (virtual-connector executor with etcd)"
-NEEDS_FAILED_SCALE = "needs a scale operation that failed, timed out or was met in part"
-NO_DISCOVERY_SOURCE = (
-    "up gives the exporter no discovery source yet (LocalConnector has no discovery_stats), "
-    "so dynamo_local_discovery_* are not published"
-)
 NO_ITL = "the mock frontend exports no inter-token latency (it streams no tokens)"
 
 # The ONE allow-list: query key (see _dashboard_key, _rule_key) -> why it has no data here.
@@ -146,19 +141,8 @@ NO_DATA: dict[str, str] = {
     ":per_ready_prefill_replica": NEEDS_NATS,
     "DynamoLocalPrefillQueueBacklog reads dynamo_namespace:dynamo_local_prefill_queue"
     "_pending_messages:per_ready_prefill_replica": NEEDS_NATS,
-    # Discovery.
-    "dynamo-local-component | panel 'Discovery instances vs ready replicas' target A": (
-        NO_DISCOVERY_SOURCE
-    ),
-    "dynamo-local-scaling | panel 'Discovery instances vs running replicas' target A": (
-        NO_DISCOVERY_SOURCE
-    ),
-    "dynamo-local-scaling | panel 'Stale discovery entries reaped' target A": NO_DISCOVERY_SOURCE,
-    "DynamoLocalDiscoveryStaleEntries reads dynamo_local_discovery_instances": NO_DISCOVERY_SOURCE,
     # Planner and failed scales.
     "dynamo-local-scaling | panel 'Planner decisions' target A": NEEDS_PLANNER,
-    "DynamoLocalScaleOperationsFailing reads dynamo_local_scale_operations_total"
-    '{outcome=~"failed|timeout|partial"}': NEEDS_FAILED_SCALE,
     # Dynamo's frontend.
     "dynamo-local-scaling | panel 'Inter-token latency' target A": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target B": NO_ITL,
