@@ -356,6 +356,8 @@ def open_gpu_backend(spec: str = "auto") -> tuple[GpuBackend | None, str | None]
         return None, "GPU backend disabled (gpu backend 'none')"
     if spec.startswith("fake:"):
         paths = [Path(p) for p in spec[len("fake:") :].split(",") if p]
+        if not paths:
+            return None, "GPU backend 'fake:' names no capture file (fake:<capture.json>)"
         try:
             return FakeGpuBackend(paths), None
         except (OSError, ValueError, KeyError) as exc:
