@@ -212,9 +212,18 @@ class FakeGpuBackend:
 
 
 def _derived_uuid(uuid: str, n: int) -> str:
-    """A distinct, stable UUID for the n-th synthesized copy of a captured GPU."""
-    head = uuid[: -len("000000000000")]
-    return f"{head}{n:012x}"
+    """A distinct, stable UUID for the n-th synthesized copy of a captured GPU.
+
+    The first group changes, so the short forms in messages ("GPU-3916acc0…") tell the
+    copies apart.
+    """
+    prefix, _, rest = uuid.partition("-")
+    first, _, tail = rest.partition("-")
+    try:
+        shifted = (int(first, 16) + n) % (1 << 32)
+    except ValueError:  # not NVML's hex form: vary the end instead
+        return f"{uuid}-{n}"
+    return f"{prefix}-{shifted:08x}-{tail}"
 
 
 # --------------------------------------------------------------------------- real

@@ -446,13 +446,17 @@ class ResourceManager:
             self._held.pop(replica_id, None)
             self._leaked.update(leaked)
         for uuid in leaked:
+            # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS).
             self._emit(
-                "gpu_leaked",
+                "leak",
+                component=reservation.component,
+                replica=replica_id,
+                outcome="failed",
                 reason=f"{_short(uuid)} still lists {replica_id}'s processes "
                 f"{self.release_timeout_s:g} s after release",
                 details={"gpu": uuid},
             )
-            self._watch_leak(uuid, pid_set)
+            self._watch_leak(uuid, pid_set, reservation)
         for path in reservation.sockets.values():
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, path)
@@ -473,7 +477,7 @@ class ResourceManager:
             s.uuid for s in samples if s.uuid in uuids and any(p.pid in pids for p in s.processes)
         ]
 
-    def _watch_leak(self, uuid: str, pids: set[int]) -> None:
+    def _watch_leak(self, uuid: str, pids: set[int], reservation: Reservation) -> None:
         async def watch() -> None:
             while True:
                 await asyncio.sleep(1.0)
@@ -481,7 +485,10 @@ class ResourceManager:
                     with self._lock:
                         self._leaked.discard(uuid)
                     self._emit(
-                        "gpu_leak_cleared",
+                        "leak",
+                        component=reservation.component,
+                        replica=reservation.replica_id,
+                        outcome="ok",
                         reason=f"{_short(uuid)} is free again",
                         details={"gpu": uuid},
                     )

@@ -240,7 +240,7 @@ def scripted_devices(count: int = 1, name: str = H100_CAPTURE) -> list[dict[str,
     for i in range(count):
         d = copy.deepcopy(dev)
         if i:
-            d["uuid"] = f"{dev['uuid'][:-12]}{i:012x}"
+            d["uuid"] = f"GPU-{int(dev['uuid'][4:12], 16) + i:08x}{dev['uuid'][12:]}"
         d["pci"]["busId"] = f"00000000:{i + 6:02x}:00.0"
         out.append(d)
     return out

@@ -123,8 +123,8 @@ def test_copies_get_distinct_stable_uuids() -> None:
     devices = h100_backend(copies=3).devices()
     assert [d.uuid for d in devices] == [
         H100_UUID,
-        "GPU-3916acbf-4032-fd78-3a4f-000000000001",
-        "GPU-3916acbf-4032-fd78-3a4f-000000000002",
+        "GPU-3916acc0-4032-fd78-3a4f-848162f95acf",
+        "GPU-3916acc1-4032-fd78-3a4f-848162f95acf",
     ]
     assert [d.index for d in devices] == [0, 1, 2]
     assert [d.uuid for d in h100_backend(copies=3).devices()] == [d.uuid for d in devices]

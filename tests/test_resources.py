@@ -1,0 +1,861 @@
+"""Resource manager: inventory, all-or-nothing reservations, placement, budgets, ports,
+sockets, release after exit and leak detection, on NVML fakes built from real captures."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from connector.errors import ConnectorError, ResourcesExhausted
+from connector.graph import PortSpec, ResourceRequest, SocketSpec
+from connector.nvml import GpuBackend
+from connector.resources import (
+    Inventory,
+    ReleaseResult,
+    Reservation,
+    ResourceManager,
+    open_resource_manager,
+)
+from tests.nvml_fakes import (
+    H100_CAPTURE,
+    H100_MEMORY_TOTAL,
+    H100_NAME,
+    H100_UUID,
+    capture_path,
+    eight_gpu_backend,
+    h100_backend,
+)
+
+CPUS = tuple(range(8))
+MEMORY = 16 << 30
+GIB = 1 << 30
+# The 8-GPU machine's UUIDs: copies of the H100 with the first group shifted by the index.
+U = [f"GPU-{0x3916ACBF + i:08x}-4032-fd78-3a4f-848162f95acf" for i in range(8)]
+GPU1 = ResourceRequest(gpu=1)
+GPU2 = ResourceRequest(gpu=2)
+HALF = ResourceRequest(gpu=0.5)
+
+
+def make_manager(
+    working_dir: Path,
+    backend: GpuBackend | None = None,
+    *,
+    cpus: tuple[int, ...] = CPUS,
+    memory: int = MEMORY,
+    gpu_reason: str | None = None,
+    **kw: Any,
+) -> ResourceManager:
+    """A manager over ``backend``'s GPUs with a fixed CPU and memory budget."""
+    inventory = Inventory(
+        gpus=tuple(backend.devices()) if backend is not None else (),
+        cpus=cpus,
+        memory_bytes=memory,
+        gpu_reason=gpu_reason,
+    )
+    return ResourceManager(inventory, working_dir=working_dir, gpu_backend=backend, **kw)
+
+
+def gpus_of(manager: ResourceManager) -> dict[str, tuple[int, ...]]:
+    """Replica -> the NVML indices of its GPUs."""
+    index = {g.uuid: g.index for g in manager.inventory.gpus}
+    return {r.replica_id: tuple(index[u] for u in r.gpus) for r in manager.reservations()}
+
+
+def exhausted(fn: Callable[[], object]) -> ResourcesExhausted:
+    with pytest.raises(ResourcesExhausted) as info:
+        fn()
+    return info.value
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_run(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = int(s.getsockname()[1])
+        if first + n <= 65535 and all(bindable(first + i) for i in range(n)):
+            return first
+    raise AssertionError(f"no run of {n} free ports found")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A working dir short enough for plain socket paths (tmp_path can be long)."""
+    path = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+def test_detect_reads_gpus_cpus_and_memory(no_cuda_env: None) -> None:
+    inv = Inventory.detect(h100_backend())
+    assert [(g.index, g.uuid, g.name) for g in inv.gpus] == [(0, H100_UUID, H100_NAME)]
+    assert inv.cpus == tuple(sorted(os.sched_getaffinity(0)))
+    assert inv.memory_bytes == psutil.virtual_memory().total
+    assert inv.gpu_reason is None
+
+
+def test_detect_without_a_backend_keeps_the_reason(no_cuda_env: None) -> None:
+    inv = Inventory.detect(None, "NVML library not found (no NVIDIA driver)")
+    assert (inv.gpus, inv.gpu_reason) == ((), "NVML library not found (no NVIDIA driver)")
+
+
+@pytest.mark.parametrize(
+    ("visible", "indices"),
+    [
+        ("1,3", (1, 3)),
+        (f"{U[6]},{U[2]}", (2, 6)),  # UUIDs, as CUDA takes them; NVML order kept
+        (" 0 , 7 ", (0, 7)),
+        ("", ()),
+        ("9", ()),
+    ],
+)
+def test_cuda_visible_devices_limits_what_is_handed_out(
+    monkeypatch: pytest.MonkeyPatch, visible: str, indices: tuple[int, ...]
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    inv = Inventory.detect(eight_gpu_backend())
+    assert tuple(g.index for g in inv.gpus) == indices
+    if not indices:
+        assert inv.gpu_reason == f"CUDA_VISIBLE_DEVICES={visible!r} leaves no GPU to hand out"
+    else:
+        assert inv.gpu_reason is None
+
+
+def test_cuda_visible_devices_unset_leaves_all_gpus(no_cuda_env: None) -> None:
+    assert len(Inventory.detect(eight_gpu_backend()).gpus) == 8
+
+
+async def test_open_resource_manager_with_the_fake_and_without_gpus(
+    tmp_path: Path, no_cuda_env: None
+) -> None:
+    manager = await open_resource_manager(
+        f"fake:{capture_path(H100_CAPTURE)}", working_dir=tmp_path, namespace="t"
+    )
+    try:
+        assert [g.uuid for g in manager.inventory.gpus] == [H100_UUID]
+        assert manager.machine_view()["gpu_backend"] == "ok"
+    finally:
+        await manager.close()
+    manager = await open_resource_manager("none", working_dir=tmp_path, namespace="t")
+    assert manager.inventory.gpus == ()
+    assert manager.machine_view()["gpu_backend"] == "GPU backend disabled (gpu backend 'none')"
+    error = exhausted(lambda: manager.reserve("Decode/1", "Decode", GPU1))
+    assert error.message == (
+        "Decode replica 1 needs 1 GPU, 0 on this machine "
+        "(GPU backend disabled (gpu backend 'none'))"
+    )
+    assert error.details == {"needed": 1, "free": 0, "holders": {}}
+    await manager.close()
+
+
+# --------------------------------------------------------------------------- one H100
+
+
+def test_one_h100_one_holder_and_who_holds_it(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False))
+    r = m.reserve("Decode/1", "Decode", GPU1)
+    assert (r.gpus, r.gpu_fraction) == ((H100_UUID,), 0.0)
+    error = exhausted(lambda: m.reserve("Decode/2", "Decode", GPU1))
+    assert error.message == "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… held by Decode/1"
+    assert error.details == {"needed": 1, "free": 0, "holders": {H100_UUID: ["Decode/1"]}}
+    assert error.code == "resources_exhausted" and error.http_status == 409
+    # A refused request leaves nothing behind.
+    assert [x.replica_id for x in m.reservations()] == ["Decode/1"]
+    # Asking again for the same replica is idempotent.
+    assert m.reserve("Decode/1", "Decode", GPU1) is r
+
+
+async def test_the_example_message_of_the_issue(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(copies=2, keep_captured_processes=False))
+    m.reserve("Decode/1", "Decode", GPU1)
+    error = exhausted(lambda: m.reserve("Decode/3", "Decode", GPU2))
+    assert error.message == "Decode replica 3 needs 2 GPUs, 1 free; GPU-3916acbf… held by Decode/1"
+    assert error.details == {"needed": 2, "free": 1, "holders": {H100_UUID: ["Decode/1"]}}
+    await m.release("Decode/1", ())
+    assert m.reserve("Decode/3", "Decode", GPU2).gpus == (U[0], U[1])
+
+
+def test_fractions_share_one_gpu_up_to_one(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False))
+    assert m.reserve("Half/1", "Half", HALF).gpus == (H100_UUID,)
+    assert m.reserve("Half/2", "Half", HALF).gpu_fraction == 0.5
+    error = exhausted(lambda: m.reserve("Half/3", "Half", HALF))
+    assert error.message == (
+        "Half replica 3 needs 0.5 of a GPU, 0 free; GPU-3916acbf… held by Half/1, Half/2"
+    )
+    assert error.details == {
+        "needed": 0.5,
+        "free": 0,
+        "holders": {H100_UUID: ["Half/1", "Half/2"]},
+    }
+    # A whole-GPU request never shares with fraction holders.
+    error = exhausted(lambda: m.reserve("Decode/1", "Decode", GPU1))
+    assert (
+        error.message
+        == "Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by Half/1, Half/2"
+    )
+
+
+async def test_thirds_sum_to_one_and_a_whole_holder_excludes_fractions(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False))
+    third = ResourceRequest(gpu=0.3)
+    for i in (1, 2, 3):
+        m.reserve(f"T/{i}", "T", third)
+    exhausted(lambda: m.reserve("T/4", "T", ResourceRequest(gpu=0.2)))  # 0.9 + 0.2 > 1
+    m.reserve("T/5", "T", ResourceRequest(gpu=0.1))  # exactly 1, within float error
+    assert m.machine_view()["gpus"][0]["fraction_used"] == 1.0
+    for i in (1, 2, 3, 5):
+        await m.release(f"T/{i}", ())
+    m.reserve("Decode/1", "Decode", GPU1)
+    error = exhausted(lambda: m.reserve("Q/1", "Q", ResourceRequest(gpu=0.25)))
+    assert (
+        error.message == "Q replica 1 needs 0.25 of a GPU, 0 free; GPU-3916acbf… held by Decode/1"
+    )
+
+
+def test_fraction_env_and_best_fit(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend())
+    half = m.reserve("Half/1", "Half", HALF)
+    assert half.env() == {
+        "CUDA_VISIBLE_DEVICES": U[0],
+        "DYNAMO_LOCAL_GPUS": U[0],
+        "DYNAMO_LOCAL_REPLICA": "Half/1",
+        "DYNAMO_LOCAL_GPU_MEMORY_FRACTION": "0.5",
+    }
+    # A whole GPU goes elsewhere; the next fraction fills the started GPU (best fit).
+    assert m.reserve("Decode/1", "Decode", GPU1).gpus == (U[1],)
+    assert m.reserve("Q/1", "Q", ResourceRequest(gpu=0.25)).gpus == (U[0],)
+    assert m.reserve("Big/1", "Big", ResourceRequest(gpu=0.75)).gpus == (U[2],)
+    assert m.reserve("Q/2", "Q", ResourceRequest(gpu=0.25)).gpus == (U[0],)
+    assert [g["fraction_used"] for g in m.machine_view()["gpus"]][:3] == [1.0, 1.0, 0.75]
+
+
+def test_no_gpu_machine_says_why(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, None, gpu_reason="NVML library not found (no NVIDIA driver)")
+    error = exhausted(lambda: m.reserve("Half/1", "Half", HALF))
+    assert error.message == (
+        "Half replica 1 needs 0.5 GPUs, 0 on this machine "
+        "(NVML library not found (no NVIDIA driver))"
+    )
+    # No GPU asked: fine, and the process sees no GPU at all.
+    assert m.reserve("Frontend/1", "Frontend", ResourceRequest()).env() == {
+        "CUDA_VISIBLE_DEVICES": "",
+        "DYNAMO_LOCAL_GPUS": "",
+        "DYNAMO_LOCAL_REPLICA": "Frontend/1",
+    }
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_two_gpus_take_an_nvlink_pair_first(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend())
+    assert m.reserve("TP/1", "TP", GPU2).gpus == (U[0], U[1])
+    m.reserve("Single/1", "Single", GPU1)  # takes GPU 2, breaking the pair (2, 3)
+    # GPU 3 and 4 are contiguous, but (4, 5) is an NVLink pair.
+    assert m.reserve("TP/2", "TP", GPU2).gpus == (U[4], U[5])
+    assert m.reserve("TP/3", "TP", GPU2).gpus == (U[6], U[7])
+    error = exhausted(lambda: m.reserve("TP/4", "TP", GPU2))
+    assert error.message == (
+        "TP replica 4 needs 2 GPUs, 1 free; GPU-3916acbf… held by TP/1; GPU-3916acc0… held by "
+        "TP/1; GPU-3916acc1… held by Single/1; GPU-3916acc3… held by TP/2; GPU-3916acc4… held "
+        "by TP/2; GPU-3916acc5… held by TP/3; GPU-3916acc6… held by TP/3"
+    )
+    assert error.details["free"] == 1
+
+
+def test_without_nvlink_two_gpus_stay_on_one_numa_node(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend(nvlink_pairs=()))
+    for i in range(3):
+        m.reserve(f"Single/{i + 1}", "Single", GPU1)
+    assert gpus_of(m) == {"Single/1": (0,), "Single/2": (1,), "Single/3": (2,)}
+    # Free: 3 (node 0) and 4-7 (node 1). Contiguous would be (3, 4), across nodes.
+    assert m.reserve("TP/1", "TP", GPU2).gpus == (U[4], U[5])
+
+
+def test_without_topology_the_lowest_contiguous_run(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend(nvlink_pairs=(), numa_nodes={}))
+    m.reserve("A/1", "A", GPU1)
+    m.reserve("A/2", "A", GPU1)
+    m.reserve("A/3", "A", GPU1)
+    asyncio.run(m.release("A/2", ()))
+    # Free: 1, 3, 4, 5, 6, 7; (1, 3) are the lowest but not contiguous.
+    assert m.reserve("TP/1", "TP", GPU2).gpus == (U[3], U[4])
+    # Free: 1, 5, 6, 7; the contiguous run of three is (5, 6, 7).
+    assert m.reserve("TP/2", "TP", ResourceRequest(gpu=3)).gpus == (U[5], U[6], U[7])
+    # Only GPU 1 is left.
+    assert m.reserve("B/1", "B", GPU1).gpus == (U[1],)
+
+
+def test_four_gpus_take_an_nvlink_clique(tmp_path: Path) -> None:
+    cliques = [
+        (a, b) for group in ((0, 1, 2, 3), (4, 5, 6, 7)) for a in group for b in group if a < b
+    ]
+    m = make_manager(tmp_path, eight_gpu_backend(nvlink_pairs=cliques, numa_nodes={}))
+    m.reserve("Single/1", "Single", GPU1)
+    assert m.reserve("TP/1", "TP", ResourceRequest(gpu=4)).gpus == (U[4], U[5], U[6], U[7])
+    # Pairs only (no 4-clique): one NUMA node.
+    m = make_manager(tmp_path, eight_gpu_backend())
+    assert m.reserve("TP/1", "TP", ResourceRequest(gpu=4)).gpus == tuple(U[:4])
+
+
+def test_a_gpu_busy_with_a_foreign_process_is_skipped(tmp_path: Path) -> None:
+    backend = eight_gpu_backend()
+    backend.add_process(1, 99999, 2 * GIB)  # not ours, above the 1 GiB threshold
+    backend.add_process(4, 99998, GIB // 2)  # not ours, below it
+    m = make_manager(tmp_path, backend)
+    m.refresh(our_pids=set())
+    view = m.machine_view()["gpus"]
+    assert [g["foreign_memory_bytes"] for g in view] == [0, 2 * GIB, 0, 0, GIB // 2, 0, 0, 0]
+    # Pair (0, 1) is broken by the foreign process; (2, 3) is next.
+    assert m.reserve("TP/1", "TP", GPU2).gpus == (U[2], U[3])
+    assert m.reserve("A/1", "A", GPU1).gpus == (U[0],)
+    assert m.reserve("A/2", "A", GPU1).gpus == (U[4],)  # below the threshold: usable
+    assert m.reserve("Half/1", "Half", HALF).gpus == (U[5],)
+    m.reserve("TP/2", "TP", GPU1)
+    m.reserve("TP/3", "TP", GPU1)
+    error = exhausted(lambda: m.reserve("X/1", "X", GPU1))
+    assert error.message.startswith("X replica 1 needs 1 GPU, 0 free; ")
+    assert error.details["holders"][U[1]] == ["foreign processes"]
+    assert "GPU-3916acc0… held by foreign processes" in error.message
+    # The same process counted as ours (e.g. a replica's child) does not block the GPU.
+    m.refresh(our_pids={99999})
+    assert m.reserve("X/1", "X", GPU1).gpus == (U[1],)
+
+
+def test_the_foreign_threshold_is_configurable(tmp_path: Path) -> None:
+    backend = h100_backend()  # the capture's own load process: 3.3 GB, not ours
+    strict = make_manager(tmp_path, backend)
+    strict.refresh(our_pids=set())
+    error = exhausted(lambda: strict.reserve("Decode/1", "Decode", GPU1))
+    assert error.message == (
+        "Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by foreign processes"
+    )
+    lenient = make_manager(tmp_path, backend, foreign_memory_threshold_bytes=4 * GIB)
+    lenient.refresh(our_pids=set())
+    assert lenient.reserve("Decode/1", "Decode", GPU1).gpus == (H100_UUID,)
+
+
+def test_concurrent_reservations_from_threads_never_share_a_gpu(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend())
+
+    def ask(i: int) -> str | None:
+        try:
+            return m.reserve(f"W/{i}", "W", GPU1).gpus[0]
+        except ResourcesExhausted:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(20)))
+    granted = [g for g in got if g is not None]
+    assert sorted(granted) == sorted(U)
+    assert len(m.reservations()) == 8
+
+
+# --------------------------------------------------------------------------- CPU and memory
+
+
+def test_cpu_budget(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, cpus=(0, 1, 2, 3))
+    m.reserve("A/1", "A", ResourceRequest(cpu=1.5))
+    m.reserve("A/2", "A", ResourceRequest(cpu=2))
+    error = exhausted(lambda: m.reserve("A/3", "A", ResourceRequest(cpu=1)))
+    assert error.message == "A replica 3 needs 1 CPU cores, 0.5 of 4 unreserved"
+    assert error.details == {"needed": 1.0, "free": 0.5, "kind": "cpu"}
+    assert m.reserve("A/4", "A", ResourceRequest(cpu=0.5)).cpu_cores == 0.5
+
+
+def test_memory_budget(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, memory=4 * GIB)
+    m.reserve("A/1", "A", ResourceRequest(memory_bytes=3 * GIB))
+    error = exhausted(lambda: m.reserve("A/2", "A", ResourceRequest(memory_bytes=2 * GIB)))
+    assert error.message == f"A replica 2 needs {2 * GIB} bytes of memory, {GIB} unreserved"
+    assert error.details == {"needed": 2 * GIB, "free": GIB, "kind": "memory"}
+    assert m.reserve("A/3", "A", ResourceRequest(memory_bytes=GIB)).memory_bytes == GIB
+
+
+def test_pinned_cores_are_whole_and_never_shared(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, cpus=(2, 3, 5, 7))
+    a = m.reserve("A/1", "A", ResourceRequest(cpu=2, pin_cpus=True))
+    assert a.cpus == (2, 3)
+    assert a.env()["DYNAMO_LOCAL_CPUS"] == "2,3"
+    assert a.env()["DYNAMO_LOCAL_CPU_CORES"] == "2"
+    b = m.reserve("B/1", "B", ResourceRequest(cpu=1.5, pin_cpus=True))
+    assert b.cpus == (5, 7)  # 1.5 cores pin 2 whole cores
+    # 0.5 core is left in the budget, but no core is left to pin.
+    error = exhausted(lambda: m.reserve("C/1", "C", ResourceRequest(cpu=0.5, pin_cpus=True)))
+    assert error.message == "C replica 1 needs 1 pinned CPU cores, 0 not pinned"
+    assert error.details == {"needed": 1, "free": 0, "kind": "cpu"}
+    # Unpinned it fits the budget.
+    assert m.reserve("C/1", "C", ResourceRequest(cpu=0.5)).cpus == ()
+    assert m.machine_view()["cpu"] == {
+        "allocatable_cores": 4.0,
+        "reserved_cores": 4.0,
+        "pinned": [2, 3, 5, 7],
+    }
+
+
+def test_all_or_nothing_a_refused_part_keeps_nothing(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False), memory=GIB)
+    error = exhausted(
+        lambda: m.reserve("A/1", "A", ResourceRequest(gpu=1, cpu=1, memory_bytes=2 * GIB))
+    )
+    assert error.details["kind"] == "memory"
+    view = m.machine_view()
+    assert (view["free_gpus"], view["cpu"]["reserved_cores"], m.reservations()) == (1, 0, [])
+    assert m.reserve("B/1", "B", GPU1).gpus == (H100_UUID,)
+
+
+def test_reserve_many_keeps_those_that_fit_and_reports_the_rest(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False))
+    done, failed = m.reserve_many(
+        [(f"Half/{i}", "Half", HALF, (), ()) for i in (1, 2, 3)]
+        + [("Front/1", "Front", ResourceRequest(cpu=1), (), ())]
+    )
+    assert [r.replica_id for r in done] == ["Half/1", "Half/2", "Front/1"]
+    assert [e.message for e in failed] == [
+        "Half replica 3 needs 0.5 of a GPU, 0 free; GPU-3916acbf… held by Half/1, Half/2"
+    ]
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+def sample_reservation() -> Reservation:
+    return Reservation(
+        replica_id="Decode/2",
+        component="Decode",
+        gpus=(U[0], U[1]),
+        cpu_cores=2.0,
+        cpus=(0, 1),
+        memory_bytes=GIB,
+        ports={"system": 21001, "nixl": 21002},
+        sockets={"rpc": "/w/sock/decode-2-rpc.sock"},
+        env_names={"port.system": "DYN_SYSTEM_PORT", "socket.rpc": "RPC_SOCKET"},
+    )
+
+
+def test_reservation_env_is_exact() -> None:
+    assert sample_reservation().env() == {
+        "CUDA_VISIBLE_DEVICES": f"{U[0]},{U[1]}",
+        "DYNAMO_LOCAL_GPUS": f"{U[0]},{U[1]}",
+        "DYNAMO_LOCAL_REPLICA": "Decode/2",
+        "DYNAMO_LOCAL_CPUS": "0,1",
+        "DYNAMO_LOCAL_CPU_CORES": "2",
+        "DYNAMO_LOCAL_MEMORY_BYTES": str(GIB),
+        "DYN_SYSTEM_PORT": "21001",  # "nixl" has no env name: template only
+        "RPC_SOCKET": "/w/sock/decode-2-rpc.sock",
+    }
+
+
+def test_reservation_round_trips_through_json() -> None:
+    r = sample_reservation()
+    d = r.to_dict()
+    assert d == {
+        "replica_id": "Decode/2",
+        "component": "Decode",
+        "gpus": [U[0], U[1]],
+        "gpu_fraction": 0.0,
+        "cpu_cores": 2.0,
+        "cpus": [0, 1],
+        "memory_bytes": GIB,
+        "ports": {"system": 21001, "nixl": 21002},
+        "sockets": {"rpc": "/w/sock/decode-2-rpc.sock"},
+        "env_names": {"port.system": "DYN_SYSTEM_PORT", "socket.rpc": "RPC_SOCKET"},
+    }
+    assert Reservation.from_dict(json.loads(json.dumps(d))) == r
+    half = Reservation("Half/1", "Half", gpus=(U[3],), gpu_fraction=0.25)
+    assert Reservation.from_dict(json.loads(json.dumps(half.to_dict()))) == half
+    assert Reservation.from_dict({"replica_id": "F/1", "component": "F"}) == Reservation("F/1", "F")
+
+
+def test_adopt_after_a_restart_holds_the_same_resources(tmp_path: Path) -> None:
+    backend = eight_gpu_backend()
+    first = make_manager(tmp_path, backend)
+    held = [first.reserve("TP/1", "TP", GPU2), first.reserve("Half/1", "Half", HALF)]
+    saved = [json.dumps(r.to_dict()) for r in held]
+    again = make_manager(tmp_path, backend)
+    adopted = [again.adopt_dict(json.loads(s)) for s in saved]
+    assert adopted == held
+    assert again.reservation_from_dict(json.loads(saved[0])) == held[0]
+    assert again.adopt(Reservation("TP/1", "TP", gpus=(U[7],))) == held[0]  # idempotent
+    assert gpus_of(again) == {"TP/1": (0, 1), "Half/1": (2,)}
+    # New reservations respect the adopted ones.
+    assert again.reserve("TP/2", "TP", GPU2).gpus == (U[4], U[5])
+    assert again.reserve("Half/2", "Half", HALF).gpus == (U[2],)
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_ports_are_really_free_and_distinct(tmp_path: Path) -> None:
+    first = free_run(3)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", first))  # someone else's: must be skipped
+        m = make_manager(tmp_path, port_range=(first, first + 2))
+        a = m.reserve("A/1", "A", ResourceRequest(), [PortSpec("http", env="HTTP_PORT")])
+        assert a.ports == {"http": first + 1}
+        assert a.env()["HTTP_PORT"] == str(first + 1)
+        b = m.reserve("B/1", "B", ResourceRequest(), [PortSpec("http")])
+        assert b.ports == {"http": first + 2}
+        error = exhausted(lambda: m.reserve("C/1", "C", ResourceRequest(), [PortSpec("http")]))
+        assert error.message == (
+            f"C replica 1 needs 1 ports, no free port left in {first}-{first + 2}"
+        )
+        assert error.details == {"needed": 1, "free": 0, "kind": "ports"}
+        asyncio.run(m.release("A/1", ()))
+        assert m.reserve("C/1", "C", ResourceRequest(), [PortSpec("http")]).ports == {
+            "http": first + 1
+        }
+    assert m.machine_view()["ports"] == {"B/1": {"http": first + 2}, "C/1": {"http": first + 1}}
+
+
+def test_two_ports_for_one_replica_are_all_or_nothing(tmp_path: Path) -> None:
+    first = free_run(3)
+    m = make_manager(tmp_path, port_range=(first, first + 2))
+    two = [PortSpec("system", env="DYN_SYSTEM_PORT"), PortSpec("rpc", env="DYN_TCP_RPC_PORT")]
+    assert m.reserve("A/1", "A", ResourceRequest(), two).ports == {
+        "system": first,
+        "rpc": first + 1,
+    }
+    error = exhausted(lambda: m.reserve("B/1", "B", ResourceRequest(), two))
+    assert error.details == {"needed": 2, "free": 1, "kind": "ports"}
+    assert [r.replica_id for r in m.reservations()] == ["A/1"]
+
+
+SERVE_PORT = (
+    "import os, socket, time\n"
+    "s = socket.socket()\n"
+    "s.bind(('127.0.0.1', int(os.environ['HTTP_PORT'])))\n"
+    "s.listen()\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_a_real_process_binds_its_port_and_release_waits_for_it(tmp_path: Path) -> None:
+    first = free_run(2)
+    m = make_manager(tmp_path, port_range=(first, first + 1))
+    r = m.reserve("Web/1", "Web", ResourceRequest(), [PortSpec("http", env="HTTP_PORT")])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_PORT],
+        env={**os.environ, **r.env()},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        port = r.ports["http"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert not bindable(port)
+        release = asyncio.create_task(m.release("Web/1", {proc.pid}))
+        await asyncio.sleep(0.3)
+        assert not release.done()  # the process still runs
+        assert m.reservation("Web/1") == r
+        proc.terminate()
+        result = await asyncio.wait_for(release, 10)
+        assert result == ReleaseResult("Web/1", processes_gone=True)
+        assert m.reservation("Web/1") is None
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def test_socket_paths_are_short_deterministic_and_stale_files_go(short_dir: Path) -> None:
+    spec = [SocketSpec("rpc", env="RPC_SOCKET")]
+    expected = short_dir / "sock" / "decode-1-rpc.sock"
+    expected.parent.mkdir()
+    expected.write_text("stale")  # left by an earlier run
+    m = make_manager(short_dir)
+    r = m.reserve("Decode/1", "Decode", ResourceRequest(), (), spec)
+    assert r.sockets == {"rpc": str(expected)}
+    assert r.env()["RPC_SOCKET"] == str(expected)
+    assert len(os.fsencode(str(expected))) < 100
+    assert not expected.exists()
+    # Another manager (a restart) names the same replica's socket the same way.
+    again = make_manager(short_dir).reserve("Decode/1", "Decode", ResourceRequest(), (), spec)
+    assert again.sockets == r.sockets
+    assert m.machine_view()["sockets"] == {"Decode/1": {"rpc": str(expected)}}
+
+
+def test_a_long_working_dir_gets_hashed_socket_names(short_dir: Path) -> None:
+    spec = [SocketSpec("nixl_side_channel")]
+    wd = short_dir / ("w" * (70 - len(str(short_dir)) - 1))
+    assert len(str(wd)) == 70
+    m = make_manager(wd)
+    r = m.reserve("PrefillWorker/12", "PrefillWorker", ResourceRequest(), (), spec)
+    digest = hashlib.sha1(b"PrefillWorker/12/nixl_side_channel").hexdigest()[:12]
+    assert r.sockets == {"nixl_side_channel": f"{wd}/sock/{digest}.sock"}
+    assert len(r.sockets["nixl_side_channel"]) == 93
+    assert (wd / "sock").is_dir()
+
+
+def test_an_absurdly_long_working_dir_is_refused_with_nothing_held(short_dir: Path) -> None:
+    wd = short_dir / ("w" * 90)
+    m = make_manager(wd, h100_backend(keep_captured_processes=False))
+    with pytest.raises(ConnectorError) as info:
+        m.reserve("Decode/1", "Decode", GPU1, (), [SocketSpec("rpc")])
+    assert info.value.message == (
+        f"working dir {wd} is too long for Unix socket paths (must stay under 100 bytes); "
+        "use a shorter --working-dir"
+    )
+    assert info.value.details == {"working_dir": str(wd)}
+    assert m.reservations() == []
+    assert m.machine_view()["free_gpus"] == 1
+
+
+SERVE_SOCKET = (
+    "import os, socket, time\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.bind(os.environ['RPC_SOCKET'])\n"
+    "s.listen()\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+async def test_a_real_process_binds_its_socket_and_release_removes_it(short_dir: Path) -> None:
+    m = make_manager(short_dir)
+    r = m.reserve(
+        "Decode/1", "Decode", ResourceRequest(), (), [SocketSpec("rpc", env="RPC_SOCKET")]
+    )
+    path = r.sockets["rpc"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SOCKET],
+        env={**os.environ, **r.env()},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+        proc.kill()  # killed: the socket file stays behind
+        await asyncio.to_thread(proc.wait)
+        assert Path(path).exists()
+        assert await m.release("Decode/1", {proc.pid}) == ReleaseResult("Decode/1", True)
+        assert not Path(path).exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- release and leaks
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+async def test_release_waits_for_nvml_to_drop_the_pid(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(tmp_path, backend, release_timeout_s=30)
+    m.reserve("Decode/1", "Decode", GPU1)
+    pid = dead_pid()
+    backend.add_process(0, pid, GIB)  # the driver still lists the exited process
+    release = asyncio.create_task(m.release("Decode/1", {pid}))
+    await asyncio.sleep(0.3)
+    assert not release.done()
+    assert m.machine_view()["gpus"][0]["owners"] == ["Decode/1"]
+    backend.remove_pid(pid)
+    assert await asyncio.wait_for(release, 5) == ReleaseResult("Decode/1", True)
+    assert m.machine_view()["gpus"][0]["state"] == "free"
+
+
+async def test_release_of_a_crash_or_an_unknown_replica_is_immediate(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(tmp_path, backend)
+    m.reserve("Decode/1", "Decode", GPU1)
+    assert await m.release("Decode/1", ()) == ReleaseResult("Decode/1", True)
+    assert await m.release("Nobody/1", {1}) == ReleaseResult("Nobody/1", True)
+    assert m.reservations() == []
+
+
+async def poll(pred: Callable[[], bool], limit_s: float = 5.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not pred():
+        assert time.monotonic() < deadline, f"condition not met within {limit_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_gpu_still_listed_after_the_timeout_is_leaked_until_free(
+    tmp_path: Path,
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        backend,
+        release_timeout_s=0.2,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.reserve("Decode/1", "Decode", GPU1)
+    pid = dead_pid()
+    backend.add_process(0, pid, GIB)
+    try:
+        result = await m.release("Decode/1", {pid})
+        assert result == ReleaseResult("Decode/1", True, (H100_UUID,))
+        assert m.reservations() == []
+        gpu = m.machine_view()["gpus"][0]
+        assert (gpu["state"], gpu["owners"], gpu["fraction_used"]) == ("leaked", [], 0)
+        assert m.machine_view()["free_gpus"] == 0
+        assert events == [
+            (
+                "leak",
+                {
+                    "component": "Decode",
+                    "replica": "Decode/1",
+                    "outcome": "failed",
+                    "reason": "GPU-3916acbf… still lists Decode/1's processes 0.2 s after release",
+                    "details": {"gpu": H100_UUID},
+                },
+            )
+        ]
+        for request in (GPU1, HALF):
+            error = exhausted(lambda r=request: m.reserve("Decode/2", "Decode", r))
+            assert error.details["holders"] == {H100_UUID: ["leaked"]}
+        assert exhausted(lambda: m.reserve("Decode/2", "Decode", GPU1)).message == (
+            "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… held by leaked"
+        )
+        backend.remove_pid(pid)  # the driver lets go; the watcher polls every second
+        await poll(lambda: m.machine_view()["gpus"][0]["state"] == "free", limit_s=5)
+        assert events[1] == (
+            "leak",
+            {
+                "component": "Decode",
+                "replica": "Decode/1",
+                "outcome": "ok",
+                "reason": "GPU-3916acbf… is free again",
+                "details": {"gpu": H100_UUID},
+            },
+        )
+        assert m.reserve("Decode/2", "Decode", GPU1).gpus == (H100_UUID,)
+    finally:
+        await m.close()
+
+
+async def test_a_process_that_outlives_the_timeout_leaks_its_gpu(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(tmp_path, backend, release_timeout_s=0.2)
+    m.reserve("Decode/1", "Decode", GPU1)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        backend.add_process(0, proc.pid, GIB)
+        result = await m.release("Decode/1", {proc.pid})
+        assert result == ReleaseResult("Decode/1", False, (H100_UUID,))
+        assert m.machine_view()["gpus"][0]["state"] == "leaked"
+    finally:
+        proc.kill()
+        proc.wait()
+        await m.close()
+
+
+async def test_close_stops_leak_watchers(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(tmp_path, backend, release_timeout_s=0.1)
+    m.reserve("Decode/1", "Decode", GPU1)
+    pid = dead_pid()
+    backend.add_process(0, pid, GIB)
+    await m.release("Decode/1", {pid})
+    (task,) = m._leak_tasks
+    await m.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+# --------------------------------------------------------------------------- machine view
+
+
+def test_machine_view_is_exact(short_dir: Path) -> None:
+    first = free_run(2)
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(short_dir, backend, port_range=(first, first + 1))
+    half = m.reserve("Half/1", "Half", HALF)
+    front = m.reserve(
+        "Frontend/1",
+        "Frontend",
+        ResourceRequest(cpu=1, memory_bytes=GIB, pin_cpus=True),
+        [PortSpec("http")],
+        [SocketSpec("rpc")],
+    )
+    backend.add_process(0, 4242, 2 * GIB)  # "ours": the Half replica's process
+    m.refresh(our_pids={4242})
+    assert half.gpus == (H100_UUID,)
+    assert m.machine_view() == {
+        "gpus": [
+            {
+                "index": 0,
+                "uuid": H100_UUID,
+                "name": H100_NAME,
+                "state": "allocated",
+                "owners": ["Half/1"],
+                "fraction_used": 0.5,
+                "memory_total_bytes": H100_MEMORY_TOTAL,
+                "foreign_memory_bytes": 0,
+                "memory_used_bytes": 3794599936 - 3282042880 + 2 * GIB,
+            }
+        ],
+        "free_gpus": 0,
+        "gpu_backend": "ok",
+        "cpu": {"allocatable_cores": 8.0, "reserved_cores": 1.0, "pinned": [0]},
+        "memory": {"allocatable_bytes": MEMORY, "reserved_bytes": GIB},
+        "ports": {"Frontend/1": {"http": first}},
+        "sockets": {"Frontend/1": {"rpc": front.sockets["rpc"]}},
+        "port_range": [first, first + 1],
+    }
+    assert front.sockets["rpc"] == str(short_dir / "sock" / "frontend-1-rpc.sock")
+
+
+def test_refresh_without_a_backend_is_a_no_op(tmp_path: Path) -> None:
+    m = make_manager(tmp_path, None, gpu_reason="GPU backend disabled (gpu backend 'none')")
+    m.refresh(our_pids={1})
+    assert m.machine_view()["gpus"] == []
+    assert m.machine_view()["gpu_backend"] == "GPU backend disabled (gpu backend 'none')"
