@@ -1,0 +1,180 @@
+"""Dynamo interop end to end: LocalConnector + real etcd + mock (and real-runtime) workers.
+
+The test acts as the Planner in "virtual" mode, writing exactly the keys it writes, and
+checks that the graph's prefill and decode components are scaled and the decision
+acknowledged; a SIGKILLed replica's discovery entry is gone well within the lease TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+
+from connector.graph import (
+    Graph,
+    PortSpec,
+    Readiness,
+    ReadinessKind,
+    Role,
+    Service,
+    SubComponentType,
+)
+from connector.local import ConnectorOptions, LocalConnector
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+NS = "e2e"
+
+
+def _worker(name: str, sub: SubComponentType, component: str, *extra: str) -> Service:
+    return Service(
+        name=name,
+        role=Role.WORKER,
+        sub_component_type=sub,
+        command=(sys.executable, "-m", "connector.mockworker"),
+        args=("--role", "worker", "--endpoint", "generate", *extra),
+        dynamo_namespace=NS,
+        max_replicas=4,
+        ports=(PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT")),
+        readiness=Readiness(kind=ReadinessKind.DISCOVERY, component=component, timeout_s=60),
+        graceful_stop_s=5,
+    )
+
+
+def _graph(*extra: str) -> Graph:
+    return Graph(
+        name=NS,
+        namespace=NS,
+        services={
+            "Prefill": _worker("Prefill", SubComponentType.PREFILL, "prefill", *extra),
+            "Decode": _worker("Decode", SubComponentType.DECODE, "backend", *extra),
+        },
+    )
+
+
+class Planner:
+    """Writes decisions the way Dynamo's Planner does in virtual mode: the changed counts,
+    then ``decision_id``, decimal strings on its own lease."""
+
+    prefix = f"v1/{NS}/planner/"
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.lease: Any = None
+
+    async def start(self) -> None:
+        self.lease = await self.client.lease(30)
+
+    async def decide(
+        self, decision_id: int, prefill: int | None = None, decode: int | None = None
+    ) -> None:
+        for name, value in (("num_prefill_workers", prefill), ("num_decode_workers", decode)):
+            if value is not None:
+                await self._put(name, str(value))
+        await self._put("decision_id", str(decision_id))
+
+    async def _put(self, name: str, value: str) -> None:
+        await self.client.put((self.prefix + name).encode(), value.encode(), lease=self.lease)
+
+    async def ack(self) -> Any:
+        return await self.client.get((self.prefix + "scaled_decision_id").encode())
+
+    async def stop(self) -> None:
+        await self.lease.revoke()
+
+
+@pytest.fixture
+async def etcd(etcd_server: Any) -> AsyncIterator[Any]:
+    client = aetcd.Client(etcd_server.host, etcd_server.port, timeout=5)
+    yield client
+    await client.close()
+
+
+async def _keys(client: Any, prefix: str) -> list[str]:
+    got = await client.get_prefix(prefix.encode(), keys_only=True)
+    return sorted(kv.key.decode() for kv in got)
+
+
+async def test_planner_decision_scales_the_graph_and_is_acknowledged(
+    tmp_path: Path, etcd_server: Any, etcd: Any
+) -> None:
+    options = ConnectorOptions(
+        discovery="etcd", etcd_url=etcd_server.url, gpu_backend="none", planner_executor=True
+    )
+    planner = Planner(etcd)
+    await planner.start()
+    async with LocalConnector("e2e", _graph(), tmp_path, options) as conn:
+        await planner.decide(1, prefill=2, decode=1)
+        deadline = time.monotonic() + 60
+        while True:
+            ack = await planner.ack()
+            if ack is not None and bytes(ack.value) == b"1":
+                break
+            assert time.monotonic() < deadline, "decision 1 was not acknowledged"
+            await asyncio.sleep(0.05)
+        assert await conn.get_component_replicas("Prefill") == 2
+        assert await conn.get_component_replicas("Decode") == 1
+        prefill, decode, stable = await conn.get_actual_worker_counts()
+        assert (prefill, decode, stable) == (2, 1, True)
+        # Each ready replica is in discovery under the component it registers as.
+        keys = await _keys(etcd, f"v1/instances/{NS}/")
+        assert len([k for k in keys if k.startswith(f"v1/instances/{NS}/prefill/generate/")]) == 2
+        assert len([k for k in keys if k.startswith(f"v1/instances/{NS}/backend/generate/")]) == 1
+        decisions = [e for e in conn.events.since(0) if e.kind == "decision"]
+        assert decisions and decisions[-1].outcome == "ok"
+        # The Planner scales decode down; the drained replica leaves discovery first.
+        await planner.decide(2, decode=0)
+        while True:
+            ack = await planner.ack()
+            if ack is not None and bytes(ack.value) == b"2":
+                break
+            assert time.monotonic() < deadline + 30, "decision 2 was not acknowledged"
+            await asyncio.sleep(0.05)
+        assert await conn.get_component_replicas("Decode") == 0
+        assert [k for k in await _keys(etcd, f"v1/instances/{NS}/backend/")] == []
+    await planner.stop()
+
+
+async def test_sigkilled_replica_leaves_discovery_at_once(
+    tmp_path: Path, etcd_server: Any, etcd: Any
+) -> None:
+    options = ConnectorOptions(discovery="etcd", etcd_url=etcd_server.url, gpu_backend="none")
+    async with LocalConnector("e2e", _graph(), tmp_path, options) as conn:
+        assert await conn.scale_component("Decode", 1, timeout_s=60)
+        keys = await _keys(etcd, f"v1/instances/{NS}/backend/")
+        assert len(keys) == 1
+        pid = conn.state.replicas_of("Decode")[0].pid
+        assert pid is not None
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while await _keys(etcd, f"v1/instances/{NS}/backend/"):
+            assert time.monotonic() - killed < 0.5, "stale entry outlived 500 ms"
+            await asyncio.sleep(0.01)
+        reaps = [e for e in conn.events.since(0) if e.kind == "reap"]
+        assert reaps and reaps[-1].details["revoked"] is True
+
+
+async def test_real_dynamo_runtime_worker_is_discovered_made_ready_and_cleaned_up(
+    tmp_path: Path, etcd_server: Any, etcd: Any
+) -> None:
+    pytest.importorskip("dynamo.runtime", reason="ai-dynamo-runtime is not installed")
+    options = ConnectorOptions(discovery="etcd", etcd_url=etcd_server.url, gpu_backend="none")
+    graph = _graph("--use-dynamo-runtime")
+    async with LocalConnector("e2e", graph, tmp_path, options) as conn:
+        assert await conn.scale_component("Decode", 1, timeout_s=90)
+        keys = await _keys(etcd, f"v1/instances/{NS}/backend/generate/")
+        assert len(keys) == 1
+        topology = await conn.get_system_topology()
+        decode = next(n for n in topology["nodes"] if n["id"] == "Decode")
+        assert len(decode["instances"]) == 1
+        assert await conn.scale_component("Decode", 0, timeout_s=60)
+        assert await _keys(etcd, f"v1/instances/{NS}/backend/") == []
