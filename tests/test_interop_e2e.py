@@ -178,3 +178,47 @@ async def test_real_dynamo_runtime_worker_is_discovered_made_ready_and_cleaned_u
         assert len(decode["instances"]) == 1
         assert await conn.scale_component("Decode", 0, timeout_s=60)
         assert await _keys(etcd, f"v1/instances/{NS}/backend/") == []
+
+
+async def test_impossible_decision_is_applied_in_part_recorded_and_acknowledged(
+    tmp_path: Path, etcd_server: Any, etcd: Any
+) -> None:
+    capture = Path(__file__).resolve().parents[2] / "shared/fixtures/nvml/h100_snapshot.json"
+    if not capture.exists():
+        pytest.skip("shared NVML captures are not beside the checkout")
+    from dataclasses import replace
+
+    from connector.graph import ResourceRequest
+
+    base = _graph()
+    # One GPU on the (fake) machine; each decode replica wants a whole one.
+    decode = replace(base.services["Decode"], resources=ResourceRequest(gpu=1))
+    graph = replace(base, services={**base.services, "Decode": decode})
+    options = ConnectorOptions(
+        discovery="etcd",
+        etcd_url=etcd_server.url,
+        gpu_backend=f"fake:{capture}",
+        planner_executor=True,
+    )
+    planner = Planner(etcd)
+    await planner.start()
+    async with LocalConnector("e2e", graph, tmp_path, options) as conn:
+        # The capture's GPU is held by a foreign process: let ours pass the threshold.
+        assert conn._resource_manager is not None
+        conn._resource_manager.foreign_threshold = 1 << 40
+        await planner.decide(1, prefill=1, decode=2)
+        deadline = time.monotonic() + 60
+        while True:
+            ack = await planner.ack()
+            if ack is not None and bytes(ack.value) == b"1":
+                break
+            assert time.monotonic() < deadline, "decision 1 was not acknowledged"
+            await asyncio.sleep(0.05)
+        assert await conn.get_component_replicas("Decode") == 1
+        assert await conn.get_component_replicas("Prefill") == 1
+        decision = [e for e in conn.events.since(0) if e.kind == "decision"][-1]
+        assert decision.outcome == "partial"
+        assert decision.reason is not None and "Decode replica 2 needs 1 GPU, 0 free" in (
+            decision.reason
+        )
+    await planner.stop()
