@@ -74,9 +74,10 @@ def h100_sample(pid: int = H100_CAPTURED_PID, sm: float | None = 0.96) -> GpuSam
 def test_fixtures_are_found_walking_up_from_a_nested_folder(tmp_path: Path) -> None:
     nested = tmp_path / "clone" / "tests"
     nested.mkdir(parents=True)
-    assert find_fixtures(nested) is None
-    (tmp_path / "shared" / "fixtures" / "nvml").mkdir(parents=True)
-    assert find_fixtures(nested) == tmp_path / "shared" / "fixtures" / "nvml"
+    mine = tmp_path / "shared" / "fixtures" / "nvml"
+    assert find_fixtures(nested) != mine
+    mine.mkdir(parents=True)
+    assert find_fixtures(nested) == mine  # the closest one wins
 
 
 # --------------------------------------------------------------------------- fake replay

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -759,7 +760,7 @@ async def test_a_gpu_still_listed_after_the_timeout_is_leaked_until_free(
             )
         ]
         for request in (GPU1, HALF):
-            error = exhausted(lambda r=request: m.reserve("Decode/2", "Decode", r))
+            error = exhausted(functools.partial(m.reserve, "Decode/2", "Decode", request))
             assert error.details["holders"] == {H100_UUID: ["leaked"]}
         assert exhausted(lambda: m.reserve("Decode/2", "Decode", GPU1)).message == (
             "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… held by leaked"

@@ -1,0 +1,270 @@
+"""Resources through a real LocalConnector and circusd: GPUs from the NVML fake replaying the
+H100 capture, ports bound by the mock worker, refusals before anything spawns, partial
+scale-ups; and (``-m gpu``) a real CUDA replica released only after it exits."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from connector.errors import ResourcesExhausted
+from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest
+from connector.nvml import open_gpu_backend
+from tests.core_helpers import (
+    alive,
+    kinds,
+    make_graph,
+    phases,
+    pids,
+    python_cmd,
+    replica_ids,
+    running,
+    svc,
+    wait_until,
+)
+from tests.nvml_fakes import H100_CAPTURED_PID_MEMORY, H100_UUID, capture_path, idle_capture
+
+pytestmark = pytest.mark.integration
+
+MOCK_WORKER = (sys.executable, "-m", "connector.mockworker", "--discovery", "none")
+# The mock worker serves /health on DYN_SYSTEM_PORT and listens on DYN_TCP_RPC_PORT: its
+# readiness proves it bound the port it was given.
+DECODE = svc(
+    "Decode",
+    MOCK_WORKER,
+    max_replicas=4,
+    resources=ResourceRequest(gpu=1),
+    ports=(PortSpec("system", env="DYN_SYSTEM_PORT"), PortSpec("rpc", env="DYN_TCP_RPC_PORT")),
+    readiness=Readiness(
+        kind=ReadinessKind.HTTP,
+        url="http://127.0.0.1:{port.system}/health",
+        timeout_s=30,
+        period_s=0.05,
+    ),
+)
+HALF = svc(
+    "Half",
+    python_cmd("import time; time.sleep(300)"),
+    max_replicas=4,
+    resources=ResourceRequest(gpu=0.5),
+)
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def listening(pid: int) -> set[int]:
+    conns = psutil.Process(pid).net_connections(kind="inet")
+    return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture
+def idle_h100(tmp_path: Path) -> str:
+    """The H100 capture with its load process removed: one free GPU."""
+    return f"fake:{idle_capture(tmp_path)}"
+
+
+async def test_a_gpu_replica_gets_the_uuid_and_a_second_is_refused_before_spawning(
+    tmp_path: Path, idle_h100: str
+) -> None:
+    async with running(make_graph(DECODE), tmp_path / "wd", gpu_backend=idle_h100) as conn:
+        assert await conn.scale_component("Decode", 1, timeout_s=30) is True
+        (rec,) = conn.state.replicas_of("Decode")
+        assert rec.pid is not None and rec.reservation is not None
+        ports = rec.reservation["ports"]
+        env = environ(rec.pid)
+        assert {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "DYNAMO_LOCAL_GPUS")} == {
+            "CUDA_VISIBLE_DEVICES": H100_UUID,
+            "DYNAMO_LOCAL_GPUS": H100_UUID,
+        }
+        assert env["DYNAMO_LOCAL_REPLICA"] == "Decode/1"
+        assert (env["DYN_SYSTEM_PORT"], env["DYN_TCP_RPC_PORT"]) == (
+            str(ports["system"]),
+            str(ports["rpc"]),
+        )
+        assert {ports["system"], ports["rpc"]} <= listening(rec.pid)
+
+        with pytest.raises(ResourcesExhausted) as info:
+            await conn.scale_component("Decode", 2, timeout_s=30)
+        assert info.value.message == (
+            "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… held by Decode/1"
+        )
+        assert info.value.details == {
+            "needed": 1,
+            "free": 0,
+            "holders": {H100_UUID: ["Decode/1"]},
+            "component": "Decode",
+            "requested": 2,
+            "before": 1,
+            "started": [],
+            "target": 1,
+        }
+        assert conn.state.components["Decode"].target == 1
+        assert await conn.get_component_replicas("Decode") == 1
+        assert replica_ids(conn, "Decode") == ["Decode/1"]
+        (refused,) = kinds(conn, "allocate", "Decode")
+        assert (refused.outcome, refused.details["started"]) == ("refused", [])
+        (gpu,) = (await conn.get_machine_resources())["gpus"]
+        assert (gpu["state"], gpu["owners"], gpu["fraction_used"]) == (
+            "allocated",
+            ["Decode/1"],
+            1.0,
+        )
+
+        pid = rec.pid
+        assert await conn.scale_component("Decode", 0, timeout_s=30) is True
+        assert not alive(pid)
+        machine = await conn.get_machine_resources()
+        assert (machine["gpus"][0]["state"], machine["gpus"][0]["owners"]) == ("free", [])
+        assert machine["ports"] == {}
+        # The GPU is free again: the next replica gets it.
+        assert await conn.scale_component("Decode", 1, timeout_s=30) is True
+        assert replica_ids(conn, "Decode") == ["Decode/2"]
+
+
+async def test_half_gpu_replicas_share_one_gpu_and_a_third_is_refused(
+    tmp_path: Path, idle_h100: str
+) -> None:
+    async with running(make_graph(HALF), tmp_path / "wd", gpu_backend=idle_h100) as conn:
+        assert await conn.scale_component("Half", 2, timeout_s=30) is True
+        for pid in pids(conn, "Half").values():
+            assert pid is not None
+            env = environ(pid)
+            assert (env["CUDA_VISIBLE_DEVICES"], env["DYNAMO_LOCAL_GPU_MEMORY_FRACTION"]) == (
+                H100_UUID,
+                "0.5",
+            )
+        with pytest.raises(ResourcesExhausted) as info:
+            await conn.scale_component("Half", 3, timeout_s=30)
+        assert info.value.message == (
+            "Half replica 3 needs 0.5 of a GPU, 0 free; GPU-3916acbf… held by Half/1, Half/2"
+        )
+        assert (info.value.details["started"], info.value.details["target"]) == ([], 2)
+        assert replica_ids(conn, "Half") == ["Half/1", "Half/2"]
+        (gpu,) = (await conn.get_machine_resources())["gpus"]
+        assert (gpu["owners"], gpu["fraction_used"]) == (["Half/1", "Half/2"], 1.0)
+
+
+async def test_a_partial_scale_up_starts_what_fits_and_says_which(
+    tmp_path: Path, idle_h100: str
+) -> None:
+    async with running(make_graph(HALF), tmp_path / "wd", gpu_backend=idle_h100) as conn:
+        with pytest.raises(ResourcesExhausted) as info:
+            await conn.scale_component("Half", 3, timeout_s=30)
+        assert info.value.details == {
+            "needed": 0.5,
+            "free": 0,
+            "holders": {H100_UUID: ["Half/1", "Half/2"]},
+            "component": "Half",
+            "requested": 3,
+            "before": 0,
+            "started": ["Half/1", "Half/2"],
+            "target": 2,
+        }
+        assert conn.state.components["Half"].target == 2
+        await wait_until(lambda: phases(conn, "Half") == {"Half/1": "ready", "Half/2": "ready"}, 20)
+        assert all(alive(p) for p in pids(conn, "Half").values())
+        (refused,) = kinds(conn, "allocate", "Half")
+        assert refused.details["started"] == ["Half/1", "Half/2"]
+
+
+async def test_the_capture_as_is_has_its_gpu_held_by_a_foreign_process(tmp_path: Path) -> None:
+    spec = f"fake:{capture_path()}"
+    async with running(make_graph(DECODE), tmp_path / "wd", gpu_backend=spec) as conn:
+        with pytest.raises(ResourcesExhausted) as info:
+            await conn.scale_component("Decode", 1, timeout_s=30)
+        assert info.value.message == (
+            "Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by foreign processes"
+        )
+        assert (info.value.details["started"], info.value.details["target"]) == ([], 0)
+        assert replica_ids(conn, "Decode") == []
+        (gpu,) = (await conn.get_machine_resources())["gpus"]
+        assert (gpu["owners"], gpu["foreign_memory_bytes"]) == ([], H100_CAPTURED_PID_MEMORY)
+
+
+# --------------------------------------------------------------------------- real GPU (-m gpu)
+
+# Holds 512 MiB on its GPU; on SIGTERM it takes a second to let go, as an engine does.
+CUDA_HOLDER = (
+    "import signal, sys, time, torch\n"
+    "x = torch.empty(512 << 20, dtype=torch.uint8, device='cuda'); x.fill_(1)\n"
+    "torch.cuda.synchronize()\n"
+    "def bye(*_):\n"
+    "    time.sleep(1.0)\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, bye)\n"
+    "while True:\n"
+    "    time.sleep(1)\n"
+)
+
+
+@pytest.mark.gpu
+async def test_a_cuda_replica_is_attributed_by_pid_and_released_only_after_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    probe, reason = open_gpu_backend("nvml")
+    if probe is None:
+        pytest.skip(f"no NVML GPU: {reason}")
+    probe.close()
+    graph = make_graph(
+        svc(
+            "Cuda",
+            python_cmd(CUDA_HOLDER),
+            max_replicas=1,
+            resources=ResourceRequest(gpu=1),
+            graceful_stop_s=20,
+        )
+    )
+    async with running(graph, tmp_path / "wd", gpu_backend="nvml") as conn:
+        manager: Any = conn._resource_manager
+        uuid = manager.inventory.gpus[0].uuid
+        assert await conn.scale_component("Cuda", 1, timeout_s=60) is True
+        pid = pids(conn, "Cuda")["Cuda/1"]
+        assert pid is not None
+        assert environ(pid)["CUDA_VISIBLE_DEVICES"] == uuid
+
+        async def used_by_pid() -> int | None:
+            samples = await asyncio.to_thread(manager.gpu_backend.sample)
+            mine = [p for s in samples if s.uuid == uuid for p in s.processes if p.pid == pid]
+            return mine[0].used_memory_bytes if mine else None
+
+        for _ in range(600):  # up to 60 s for CUDA to start and allocate
+            used = await used_by_pid()
+            if used is not None and used >= 512 << 20:
+                break
+            await asyncio.sleep(0.1)
+        assert used is not None and used >= 512 << 20, f"NVML lists {used} bytes for {pid}"
+
+        # When the reservation goes, the process is gone and NVML no longer lists it.
+        original = manager.release
+        at_release: dict[str, Any] = {}
+
+        async def release(replica_id: str, release_pids: Any) -> Any:
+            result = await original(replica_id, release_pids)
+            at_release.update(alive=alive(pid), listed=await used_by_pid() is not None)
+            return result
+
+        monkeypatch.setattr(manager, "release", release)
+        assert await conn.scale_component("Cuda", 0, blocking=False) is True
+        held_while_alive = 0
+        while alive(pid):
+            (gpu,) = [g for g in manager.machine_view()["gpus"] if g["uuid"] == uuid]
+            if alive(pid):
+                assert gpu["owners"] == ["Cuda/1"]
+                held_while_alive += 1
+            await asyncio.sleep(0.05)
+        assert held_while_alive > 0  # seen held during its one-second exit
+        await wait_until(lambda: replica_ids(conn, "Cuda") == [], 30)
+        assert at_release == {"alive": False, "listed": False}
+        (gpu,) = [g for g in manager.machine_view()["gpus"] if g["uuid"] == uuid]
+        assert (gpu["state"], gpu["owners"]) == ("free", [])
