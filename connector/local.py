@@ -63,7 +63,11 @@ class ConnectorOptions:
     circus_pubsub_endpoint: str | None = None
     circus_check_delay_s: float = 0.25
     gpu_backend: str = "auto"  # auto | nvml | none | fake:<capture.json>
+    # Ports handed to replicas. Dynamo's runtime reads DYN_SYSTEM_PORT as a signed 16-bit
+    # number, so the range stays below 32768.
     port_range: tuple[int, int] = (20000, 29999)
+    gpu_foreign_memory_threshold_bytes: int = 1 << 30  # skip GPUs others use beyond this
+    gpu_release_timeout_s: float = 30.0  # then a GPU still held by a gone replica is "leaked"
     resync_s: float = 1.0
     scale_timeout_s: float = 300.0
     planner_executor: bool = False
@@ -201,6 +205,8 @@ class LocalConnector(PlannerConnectorMixin):
             namespace=self.namespace,
             port_range=self.options.port_range,
             on_event=self.events.emit,
+            foreign_memory_threshold_bytes=self.options.gpu_foreign_memory_threshold_bytes,
+            release_timeout_s=self.options.gpu_release_timeout_s,
         )
         self._resource_manager = manager
         return manager

@@ -34,9 +34,10 @@ from typing import Any
 import psutil
 
 from connector import procs
-from connector.errors import ConnectorError, ResourcesExhausted
+from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend, GpuDevice, GpuSample, open_gpu_backend
+from connector.quantities import format_memory
 
 EPS = 1e-9
 SOCKET_PATH_LIMIT = 100  # sun_path is 108 bytes; keep a margin
@@ -322,7 +323,7 @@ class ResourceManager:
         used = sum(r.cpu_cores for r in self._held.values())
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
-                f"{label} needs {request.cpu:g} CPU cores, "
+                f"{label} needs {request.cpu:g} CPU core{'' if request.cpu == 1 else 's'}, "
                 f"{max(total - used, 0):g} of {total:g} unreserved",
                 needed=request.cpu,
                 free=max(total - used, 0),
@@ -349,7 +350,8 @@ class ResourceManager:
         free = self.inventory.memory_bytes - used
         if amount > free:
             raise self._exhausted(
-                f"{label} needs {amount} bytes of memory, {max(free, 0)} unreserved",
+                f"{label} needs {format_memory(amount)} of memory, "
+                f"{format_memory(max(free, 0))} unreserved",
                 needed=amount,
                 free=max(free, 0),
                 kind="memory",
@@ -392,10 +394,11 @@ class ResourceManager:
                 digest = hashlib.sha1(f"{replica_id}/{spec.name}".encode()).hexdigest()[:12]
                 path = base / f"{digest}.sock"
             if len(os.fsencode(str(path))) >= SOCKET_PATH_LIMIT:
-                raise ConnectorError(
+                raise self._exhausted(
                     f"working dir {self.working_dir} is too long for Unix socket paths "
                     f"(must stay under {SOCKET_PATH_LIMIT} bytes); use a shorter --working-dir",
                     working_dir=str(self.working_dir),
+                    kind="sockets",
                 )
             out[spec.name] = str(path)
         if out:
@@ -546,6 +549,8 @@ class ResourceManager:
                     ),
                     "memory_total_bytes": g.memory_total_bytes,
                     "foreign_memory_bytes": self._foreign_busy.get(g.uuid, 0),
+                    "blocked_by_foreign": self._foreign_busy.get(g.uuid, 0)
+                    > self.foreign_threshold,
                 }
                 sample = samples.get(g.uuid)
                 if sample is not None and sample.memory_used_bytes is not None:
@@ -555,7 +560,10 @@ class ResourceManager:
             reserved_memory = sum(r.memory_bytes for r in self._held.values())
             return {
                 "gpus": gpus,
-                "free_gpus": sum(1 for g in gpus if g["state"] == "free"),
+                # A GPU busy with foreign processes is not allocated, but not usable either.
+                "free_gpus": sum(
+                    1 for g in gpus if g["state"] == "free" and not g["blocked_by_foreign"]
+                ),
                 "gpu_backend": self.inventory.gpu_reason or "ok",
                 "cpu": {
                     "allocatable_cores": float(len(self.inventory.cpus)),
@@ -625,6 +633,8 @@ async def open_resource_manager(
     namespace: str,
     port_range: tuple[int, int] = (20000, 29999),
     on_event: Callable[..., Any] | None = None,
+    foreign_memory_threshold_bytes: int = 1 << 30,
+    release_timeout_s: float = 30.0,
 ) -> ResourceManager:
     backend, reason = await asyncio.to_thread(open_gpu_backend, gpu_backend_spec)
     del namespace  # paths are under the namespace's working dir already
@@ -634,4 +644,6 @@ async def open_resource_manager(
         gpu_reason=reason,
         port_range=port_range,
         on_event=on_event,
+        foreign_memory_threshold_bytes=foreign_memory_threshold_bytes,
+        release_timeout_s=release_timeout_s,
     )

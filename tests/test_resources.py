@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from connector.errors import ConnectorError, ResourcesExhausted
+from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend
 from connector.resources import (
@@ -396,7 +396,7 @@ def test_cpu_budget(tmp_path: Path) -> None:
     m.reserve("A/1", "A", ResourceRequest(cpu=1.5))
     m.reserve("A/2", "A", ResourceRequest(cpu=2))
     error = exhausted(lambda: m.reserve("A/3", "A", ResourceRequest(cpu=1)))
-    assert error.message == "A replica 3 needs 1 CPU cores, 0.5 of 4 unreserved"
+    assert error.message == "A replica 3 needs 1 CPU core, 0.5 of 4 unreserved"
     assert error.details == {"needed": 1.0, "free": 0.5, "kind": "cpu"}
     assert m.reserve("A/4", "A", ResourceRequest(cpu=0.5)).cpu_cores == 0.5
 
@@ -405,7 +405,7 @@ def test_memory_budget(tmp_path: Path) -> None:
     m = make_manager(tmp_path, memory=4 * GIB)
     m.reserve("A/1", "A", ResourceRequest(memory_bytes=3 * GIB))
     error = exhausted(lambda: m.reserve("A/2", "A", ResourceRequest(memory_bytes=2 * GIB)))
-    assert error.message == f"A replica 2 needs {2 * GIB} bytes of memory, {GIB} unreserved"
+    assert error.message == "A replica 2 needs 2Gi of memory, 1Gi unreserved"
     assert error.details == {"needed": 2 * GIB, "free": GIB, "kind": "memory"}
     assert m.reserve("A/3", "A", ResourceRequest(memory_bytes=GIB)).memory_bytes == GIB
 
@@ -636,13 +636,13 @@ def test_a_long_working_dir_gets_hashed_socket_names(short_dir: Path) -> None:
 def test_an_absurdly_long_working_dir_is_refused_with_nothing_held(short_dir: Path) -> None:
     wd = short_dir / ("w" * 90)
     m = make_manager(wd, h100_backend(keep_captured_processes=False))
-    with pytest.raises(ConnectorError) as info:
+    with pytest.raises(ResourcesExhausted) as info:
         m.reserve("Decode/1", "Decode", GPU1, (), [SocketSpec("rpc")])
     assert info.value.message == (
         f"working dir {wd} is too long for Unix socket paths (must stay under 100 bytes); "
         "use a shorter --working-dir"
     )
-    assert info.value.details == {"working_dir": str(wd)}
+    assert info.value.details == {"working_dir": str(wd), "kind": "sockets"}
     assert m.reservations() == []
     assert m.machine_view()["free_gpus"] == 1
 
@@ -841,6 +841,7 @@ def test_machine_view_is_exact(short_dir: Path) -> None:
                 "fraction_used": 0.5,
                 "memory_total_bytes": H100_MEMORY_TOTAL,
                 "foreign_memory_bytes": 0,
+                "blocked_by_foreign": False,
                 "memory_used_bytes": 3794599936 - 3282042880 + 2 * GIB,
             }
         ],

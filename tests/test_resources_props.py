@@ -260,7 +260,8 @@ class Allocation(RuleBasedStateMachine):
         for g in self.manager.inventory.gpus:
             expected = sorted(r.replica_id for r in self.model.values() if g.uuid in r.gpus)
             assert owners[g.uuid] == expected
-        assert view["free_gpus"] == sum(1 for v in owners.values() if not v)
+        blocked = {g["uuid"] for g in view["gpus"] if g["blocked_by_foreign"]}
+        assert view["free_gpus"] == sum(1 for u, v in owners.items() if not v and u not in blocked)
         assert view["cpu"]["reserved_cores"] == pytest.approx(
             sum(r.cpu_cores for r in self.model.values())
         )
