@@ -310,3 +310,18 @@ async def test_etcd_exit_revokes_the_lease_and_drain_keeps_it_until_exit(etcd_se
         await bridge.close()
         await disc.close()
         await client.close()
+
+
+async def test_stats_count_owned_instances_and_reaped_not_drained(files: Any) -> None:
+    host, disc, bridge = files
+    drained = host.add(1, 20011, phase="ready")
+    crashed = host.add(2, 20012, phase="ready")
+    register(disc.root, 0xA, 20011)
+    register(disc.root, 0xB, 20012)
+    register(disc.root, 0xB, 20012, "clear_kv_blocks")
+    register(disc.root, 0xF, 31000)  # foreign: not counted
+    await until(lambda: len(disc.instances()) == 4)
+    assert bridge.stats() == {"instances": {"Decode": 3}, "stale_reaped_total": 0}
+    await bridge.before_stop(host.rec(drained))
+    await bridge.after_exit(host.rec(crashed))
+    assert bridge.stats() == {"instances": {"Decode": 0}, "stale_reaped_total": 2}
