@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GpuProcess:
+    """A compute process NVML lists on a GPU (``None`` = the driver does not say)."""
+
     pid: int
     used_memory_bytes: int | None
     sm_util_ratio: float | None = None
@@ -59,11 +61,19 @@ class GpuSample:
 
 
 class GpuBackend(Protocol):
-    def devices(self) -> list[GpuDevice]: ...
+    """Where GPU facts come from. Every method blocks: call it in a thread."""
 
-    def sample(self) -> list[GpuSample]: ...
+    def devices(self) -> list[GpuDevice]:
+        """The static inventory, in NVML index order."""
+        ...
 
-    def close(self) -> None: ...
+    def sample(self) -> list[GpuSample]:
+        """One reading of every GPU, in NVML index order."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend (NVML shutdown); safe to call twice."""
+        ...
 
 
 def _mask_to_cpus(words: Sequence[int] | None, word_bits: int = 64) -> tuple[int, ...] | None:
@@ -138,24 +148,29 @@ class FakeGpuBackend:
         self._has_nvlink = bool(peers)
         self._numa = dict(numa_nodes or {})
 
-    # test controls --------------------------------------------------------
+    # test controls (thread-safe: tests change them while a sampler runs) -------
     def set_processes(self, index: int, processes: Iterable[GpuProcess]) -> None:
+        """Replace what GPU ``index`` lists (PIDs as given: ``pid_map`` is not applied to
+        PIDs that are not in it)."""
         with self._lock:
             self._procs[index] = list(processes)
 
     def add_process(
         self, index: int, pid: int, used_memory_bytes: int, sm_util: float = 0.0
     ) -> None:
+        """List one more process on GPU ``index`` (``sm_util`` is a ratio, 0..1)."""
         with self._lock:
             self._procs[index].append(GpuProcess(pid, used_memory_bytes, sm_util))
 
     def remove_pid(self, pid: int) -> None:
+        """Stop listing ``pid`` on every GPU, as the driver does once it lets go."""
         with self._lock:
             for i, procs in self._procs.items():
                 self._procs[i] = [p for p in procs if p.pid != pid]
 
     # backend --------------------------------------------------------------
     def devices(self) -> list[GpuDevice]:
+        """The captured devices (and their synthesized copies and topology)."""
         out = []
         uuids = [d["uuid"] for d in self._raw]
         for i, d in enumerate(self._raw):
@@ -177,6 +192,8 @@ class FakeGpuBackend:
         return out
 
     def sample(self) -> list[GpuSample]:
+        """The captured readings with the current processes; memory used is the capture's
+        minus its own processes plus the ones listed now."""
         mapping = self._pid_map() if callable(self._pid_map) else (self._pid_map or {})
         out = []
         with self._lock:
@@ -208,6 +225,7 @@ class FakeGpuBackend:
         return out
 
     def close(self) -> None:
+        """Nothing to release."""
         return None
 
 
@@ -230,16 +248,28 @@ def _derived_uuid(uuid: str, n: int) -> str:
 
 
 class NvmlBackend:
-    """The real NVML (``pynvml`` from nvidia-ml-py), NotSupported-tolerant per field."""
+    """The real NVML (``pynvml`` from nvidia-ml-py), NotSupported-tolerant per field.
+
+    Constructing it initializes NVML (raises ``pynvml.NVMLError`` when that fails, e.g.
+    ``NVMLError_LibraryNotFound`` without a driver); :func:`open_gpu_backend` turns those
+    into a reason instead.
+    """
 
     def __init__(self) -> None:
         import pynvml
 
         self._nvml = pynvml
         pynvml.nvmlInit()
-        self._handles = [
-            pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
-        ]
+        try:
+            self._handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+            # UUIDs never change while NVML is up: read them once, not on every sample.
+            self._uuids = [_text(pynvml.nvmlDeviceGetUUID(h)) for h in self._handles]
+        except pynvml.NVMLError:
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlShutdown()
+            raise
         self._last_seen: dict[int, int] = {}
 
     def _get(self, fn: Callable[..., T], *args: Any) -> T | None:
@@ -249,16 +279,15 @@ class NvmlBackend:
             return None
 
     def devices(self) -> list[GpuDevice]:
+        """The static inventory; fields the driver does not answer are ``None``."""
         n = self._nvml
         out = []
         bus_to_uuid: dict[str, str] = {}
-        uuids: list[str] = []
-        for h in self._handles:
-            uuid = _text(n.nvmlDeviceGetUUID(h))
-            uuids.append(uuid)
+        for uuid, h in zip(self._uuids, self._handles, strict=True):
             pci = self._get(n.nvmlDeviceGetPciInfo, h)
             if pci is not None:
                 bus_to_uuid[_text(pci.busId).lower()] = uuid
+        p2p = self._nvlink_p2p()
         for i, h in enumerate(self._handles):
             mem = n.nvmlDeviceGetMemoryInfo(h)
             mig = self._get(n.nvmlDeviceGetMigMode, h)
@@ -268,21 +297,53 @@ class NvmlBackend:
             out.append(
                 GpuDevice(
                     index=i,
-                    uuid=uuids[i],
+                    uuid=self._uuids[i],
                     name=_text(n.nvmlDeviceGetName(h)),
                     memory_total_bytes=int(mem.total),
                     mig_mode=bool(mig[0]) if mig else None,
                     numa_node=self._get(n.nvmlDeviceGetNumaNodeId, h),
                     cpu_affinity=_mask_to_cpus(list(affinity) if affinity else None),
-                    nvlink_peers=self._nvlink_peers(h, bus_to_uuid),
+                    nvlink_peers=self._nvlink_peers(i, h, bus_to_uuid, p2p.get(i)),
                 )
             )
         return out
 
-    def _nvlink_peers(self, handle: Any, bus_to_uuid: Mapping[str, str]) -> frozenset[str] | None:
+    def _nvlink_p2p(self) -> dict[int, set[str]]:
+        """Per device index, the GPUs it reaches over NVLink by NVML's P2P status.
+
+        This is what sees peers behind an NVSwitch (where a link's remote end is the switch,
+        not a GPU). A device missing from the result: the driver answered no pair.
+        """
         n = self._nvml
-        peers: set[str] = set()
-        answered = False
+        index = getattr(n, "NVML_P2P_CAPS_INDEX_NVLINK", None)
+        get_status = getattr(n, "nvmlDeviceGetP2PStatus", None)
+        out: dict[int, set[str]] = {}
+        if index is None or get_status is None:
+            return out
+        for a in range(len(self._handles)):
+            for b in range(a + 1, len(self._handles)):
+                status = self._get(get_status, self._handles[a], self._handles[b], index)
+                if status is None:
+                    continue
+                out.setdefault(a, set())
+                out.setdefault(b, set())
+                if status == getattr(n, "NVML_P2P_STATUS_OK", 0):
+                    out[a].add(self._uuids[b])
+                    out[b].add(self._uuids[a])
+        return out
+
+    def _nvlink_peers(
+        self,
+        index: int,
+        handle: Any,
+        bus_to_uuid: Mapping[str, str],
+        p2p_peers: set[str] | None,
+    ) -> frozenset[str] | None:
+        """Peer UUIDs from P2P status and from each active link's remote PCI address;
+        ``None`` when the driver answers neither (NotSupported in a VM)."""
+        n = self._nvml
+        peers: set[str] = set(p2p_peers or ())
+        answered = p2p_peers is not None
         for link in range(getattr(n, "NVML_NVLINK_MAX_LINKS", 18)):
             state = self._get(n.nvmlDeviceGetNvLinkState, handle, link)
             if state is None:
@@ -293,11 +354,12 @@ class NvmlBackend:
             remote = self._get(n.nvmlDeviceGetNvLinkRemotePciInfo, handle, link)
             if remote is not None:
                 uuid = bus_to_uuid.get(_text(remote.busId).lower())
-                if uuid:
+                if uuid and uuid != self._uuids[index]:
                     peers.add(uuid)
         return frozenset(peers) if answered else None
 
     def sample(self) -> list[GpuSample]:
+        """One reading per GPU; each field on its own, ``None`` where the driver fails it."""
         n = self._nvml
         out = []
         for i, h in enumerate(self._handles):
@@ -311,7 +373,7 @@ class NvmlBackend:
                 self._last_seen[i] = max(self._last_seen.get(i, 0), int(s.timeStamp))
             out.append(
                 GpuSample(
-                    uuid=_text(n.nvmlDeviceGetUUID(h)),
+                    uuid=self._uuids[i],
                     index=i,
                     utilization_ratio=_ratio(util.gpu) if util is not None else None,
                     memory_used_bytes=int(mem.used) if mem is not None else None,
@@ -337,6 +399,7 @@ class NvmlBackend:
         return out
 
     def close(self) -> None:
+        """Shut NVML down (errors, e.g. already shut down, are ignored)."""
         with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
 
@@ -383,7 +446,12 @@ def open_gpu_backend(spec: str = "auto") -> tuple[GpuBackend | None, str | None]
         return None, "NVML library not found (no NVIDIA driver)"
     except pynvml.NVMLError as exc:
         return None, f"NVML failed to start: {exc}"
-    if not backend.devices():
+    try:
+        found = backend.devices()
+    except pynvml.NVMLError as exc:
+        backend.close()
+        return None, f"NVML failed to list the GPUs: {exc}"
+    if not found:
         backend.close()
         return None, "NVML found no GPU"
     return backend, None

@@ -1,8 +1,9 @@
 """NVML test material: where the real captures are, machines built from them, and a scripted
 ``pynvml`` module that drives :class:`connector.nvml.NvmlBackend` without a GPU.
 
-The captures live in ``shared/fixtures/nvml`` beside the clone (read-only in CI); tests that
-need one skip cleanly when it is absent.
+The captures live in ``shared/fixtures/nvml`` beside the clone (read-only in CI), found by
+walking up from the repository root. ``tests/data`` keeps a trimmed copy of the H100 capture
+so the resource tests run even without them; a test needing another capture skips cleanly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from connector.nvml import FakeGpuBackend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = Path(__file__).resolve().parent / "data"  # trimmed copies of captures
 
 H100_CAPTURE = "h100_snapshot.json"
 H200_CAPTURE = "h200_snapshot.json"
@@ -43,12 +45,15 @@ def find_fixtures(start: Path = REPO_ROOT) -> Path | None:
     return None
 
 
-def capture_path(name: str = H100_CAPTURE) -> Path:
-    """A capture's path, or a clean skip when the shared fixtures are not there."""
-    fixtures = find_fixtures()
-    if fixtures is None or not (fixtures / name).is_file():
-        pytest.skip(f"NVML capture {name} not found in a shared/fixtures/nvml above {REPO_ROOT}")
-    return fixtures / name
+def capture_path(name: str = H100_CAPTURE, fixtures: Path | None = None) -> Path:
+    """A capture's path: the shared fixtures' (``fixtures``, found by walking up when not
+    given), else the trimmed copy in ``tests/data``, else a clean skip."""
+    fixtures = find_fixtures() if fixtures is None else fixtures
+    if fixtures is not None and (fixtures / name).is_file():
+        return fixtures / name
+    if (BUNDLED / name).is_file():
+        return BUNDLED / name
+    pytest.skip(f"NVML capture {name} not found in a shared/fixtures/nvml above {REPO_ROOT}")
 
 
 def load_capture(name: str = H100_CAPTURE) -> dict[str, Any]:
@@ -113,13 +118,17 @@ class ScriptedNvml:
     """A ``pynvml`` stand-in answering from capture-shaped device dicts.
 
     A ``None`` value in a device dict answers ``NVMLError_NotSupported``, as the capture's
-    ``errors`` say the driver did. ``nvlinks`` maps a device index to {link: remote index};
-    ``bad_links`` lists device indices whose links answer NotSupported. ``calls`` records
-    every call by name with its arguments after the handle.
+    ``errors`` say the driver did. ``nvlinks`` maps a device index to {link: remote index,
+    or ``None`` for an NVSwitch}; a device missing from it answers NotSupported for its
+    links. ``p2p`` is the set of index pairs whose NVLink P2P status is OK (others answer
+    "not supported" as a status); ``None`` makes every P2P query raise NotSupported, as in
+    the single-GPU VMs of the captures. ``calls`` records calls by name with their
+    arguments after the handle.
     """
 
     devices: list[dict[str, Any]]
-    nvlinks: dict[int, dict[int, int]] = field(default_factory=dict)
+    nvlinks: dict[int, dict[int, int | None]] = field(default_factory=dict)
+    p2p: set[frozenset[int]] | None = None
     init_error: NVMLError | None = None
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
@@ -134,6 +143,10 @@ class ScriptedNvml:
         return mod
 
     NVML_NVLINK_MAX_LINKS = 4
+    NVML_P2P_CAPS_INDEX_NVLINK = 2
+    NVML_P2P_STATUS_OK = 0
+    NVML_P2P_STATUS_NOT_SUPPORTED = 5
+    NVSWITCH_BUS_ID = "00000000:C5:00.0"
     NVML_TEMPERATURE_GPU = 0
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
     NVML_VOLATILE_ECC = 0
@@ -192,8 +205,18 @@ class ScriptedNvml:
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h: int, link: int) -> types.SimpleNamespace:
         remote = self.nvlinks[h][link]
+        if remote is None:  # the link ends at an NVSwitch, not at a GPU
+            return types.SimpleNamespace(busId=self.NVSWITCH_BUS_ID)
         # Remote bus ids come back upper-case on some drivers: matching ignores case.
         return types.SimpleNamespace(busId=self.devices[remote]["pci"]["busId"].upper())
+
+    def nvmlDeviceGetP2PStatus(self, h1: int, h2: int, index: int) -> int:
+        self._record("nvmlDeviceGetP2PStatus", h1, h2, index)
+        if self.p2p is None or index != self.NVML_P2P_CAPS_INDEX_NVLINK:
+            raise NVMLError_NotSupported()
+        if frozenset((h1, h2)) in self.p2p:
+            return self.NVML_P2P_STATUS_OK
+        return self.NVML_P2P_STATUS_NOT_SUPPORTED
 
     def nvmlDeviceGetUtilizationRates(self, h: int) -> types.SimpleNamespace:
         util = self._dev(h, "utilization")

@@ -80,6 +80,16 @@ def test_fixtures_are_found_walking_up_from_a_nested_folder(tmp_path: Path) -> N
     assert find_fixtures(nested) == mine  # the closest one wins
 
 
+def test_without_the_shared_fixtures_the_bundled_h100_copy_is_used(tmp_path: Path) -> None:
+    bundled = Path(__file__).parent / "data" / H100_CAPTURE
+    assert capture_path(H100_CAPTURE, fixtures=tmp_path) == bundled
+    # The trimmed copy replays the same device as the full capture.
+    assert FakeGpuBackend(bundled).devices() == [H100_DEVICE]
+    assert FakeGpuBackend(bundled).sample() == [h100_sample()]
+    with pytest.raises(pytest.skip.Exception, match=r"NVML capture h200_snapshot\.json"):
+        capture_path(H200_CAPTURE, fixtures=tmp_path)
+
+
 # --------------------------------------------------------------------------- fake replay
 
 
@@ -289,6 +299,42 @@ def test_real_backend_maps_nvlink_remotes_to_peer_uuids(monkeypatch: pytest.Monk
     assert NvmlBackend().devices()[3].nvlink_peers is None  # NotSupported: unknown
 
 
+def test_real_backend_sees_peers_behind_an_nvswitch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every link of GPUs 0-2 ends at the switch; P2P over NVLink says who reaches whom.
+    # GPU 3 has no link up, and P2P says "not supported" for its pairs.
+    scripted = ScriptedNvml(
+        scripted_devices(4),
+        nvlinks={0: {0: None, 1: None}, 1: {0: None}, 2: {0: None}, 3: {}},
+        p2p={frozenset(pair) for pair in ((0, 1), (0, 2), (1, 2))},
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", scripted.module())
+    uuids = [d["uuid"] for d in scripted.devices]
+    peers = [d.nvlink_peers for d in NvmlBackend().devices()]
+    assert peers == [
+        frozenset({uuids[1], uuids[2]}),
+        frozenset({uuids[0], uuids[2]}),
+        frozenset({uuids[0], uuids[1]}),
+        frozenset(),
+    ]
+    p2p_calls = [args for name, args in scripted.calls if name == "nvmlDeviceGetP2PStatus"]
+    assert p2p_calls == [(0, 1, 2), (0, 2, 2), (0, 3, 2), (1, 2, 2), (1, 3, 2), (2, 3, 2)]
+
+
+def test_real_backend_p2p_answers_alone_make_the_topology_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Link state NotSupported everywhere, but P2P status answers (a VM with passed-through
+    # NVLink-connected GPUs): peers come from P2P alone.
+    scripted = ScriptedNvml(scripted_devices(3), p2p={frozenset((0, 2))})
+    monkeypatch.setitem(sys.modules, "pynvml", scripted.module())
+    uuids = [d["uuid"] for d in scripted.devices]
+    assert [d.nvlink_peers for d in NvmlBackend().devices()] == [
+        frozenset({uuids[2]}),
+        frozenset(),
+        frozenset({uuids[0]}),
+    ]
+
+
 def test_real_backend_close_shuts_nvml_down_and_tolerates_errors(nvml: ScriptedNvml) -> None:
     backend = NvmlBackend()
     backend.close()
@@ -313,6 +359,15 @@ def test_open_nvml_reasons_from_the_driver(monkeypatch: pytest.MonkeyPatch) -> N
     empty = install(ScriptedNvml([]))
     assert open_gpu_backend("nvml") == (None, "NVML found no GPU")
     assert [name for name, _ in empty.calls] == ["nvmlInit", "nvmlShutdown"]
+    # A driver that fails after init: NVML is shut down again and the reason says so.
+    broken = install(ScriptedNvml(scripted_devices(1)))
+    broken.devices[0]["memory"] = None
+    assert open_gpu_backend("auto") == (None, "NVML failed to list the GPUs: Not Supported")
+    assert [name for name, _ in broken.calls][-1] == "nvmlShutdown"
+    no_uuid = install(ScriptedNvml(scripted_devices(1)))
+    no_uuid.devices[0]["uuid"] = None
+    assert open_gpu_backend("nvml") == (None, "NVML failed to start: Not Supported")
+    assert [name for name, _ in no_uuid.calls] == ["nvmlInit", "nvmlShutdown"]
     install(ScriptedNvml(scripted_devices(1)))
     backend, reason = open_gpu_backend("auto")
     assert reason is None and isinstance(backend, NvmlBackend)
