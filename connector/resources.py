@@ -12,8 +12,9 @@ and memory stay within what the machine (and the connector's own affinity) offer
 
 Placement of N > 1 GPUs prefers a set connected by NVLink, then GPUs on one NUMA node, then
 the lowest contiguous indices. GPUs that foreign processes (not ours) use beyond a memory
-threshold are skipped. GPUs go to the process as ``CUDA_VISIBLE_DEVICES`` with UUIDs, because
-CUDA's index order can differ from NVML's.
+threshold are skipped, and so are GPUs in MIG mode (their MIG instances are not handed out;
+a whole-GPU UUID would show the process no device). GPUs go to the process as
+``CUDA_VISIBLE_DEVICES`` with UUIDs, because CUDA's index order can differ from NVML's.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -41,10 +43,14 @@ from connector.quantities import format_memory
 
 EPS = 1e-9
 SOCKET_PATH_LIMIT = 100  # sun_path is 108 bytes; keep a margin
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass(frozen=True)
 class Reservation:
+    """Everything one replica holds. Persisted in the connector's state (``to_dict``) and
+    re-installed on start (:meth:`ResourceManager.adopt`)."""
+
     replica_id: str  # "Decode/3"
     component: str
     gpus: tuple[str, ...] = ()
@@ -57,6 +63,7 @@ class Reservation:
     env_names: dict[str, str] = field(default_factory=dict)  # "port.NAME"/"socket.NAME" -> env var
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form, read back by :meth:`from_dict`."""
         return {
             "replica_id": self.replica_id,
             "component": self.component,
@@ -72,6 +79,7 @@ class Reservation:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Reservation:
+        """The reservation :meth:`to_dict` wrote (missing optional keys read as empty)."""
         return cls(
             replica_id=str(d["replica_id"]),
             component=str(d["component"]),
@@ -86,7 +94,12 @@ class Reservation:
         )
 
     def env(self) -> dict[str, str]:
-        """What the replica's process is told about its allocation."""
+        """What the replica's process is told about its allocation.
+
+        ``CUDA_VISIBLE_DEVICES`` is always set, to ``""`` when no GPU was asked for, so a
+        replica never sees a GPU it does not hold. Ports and sockets go to the env var their
+        spec names (``PortSpec.env`` / ``SocketSpec.env``).
+        """
         env = {
             # No GPU asked for means no GPU visible: a frontend never grabs a GPU by accident.
             "CUDA_VISIBLE_DEVICES": ",".join(self.gpus),
@@ -112,21 +125,41 @@ class Reservation:
         return env
 
 
+class ReservationAsk(NamedTuple):
+    """One replica's request in :meth:`ResourceManager.reserve_many` (a plain 5-tuple in
+    this order is accepted too)."""
+
+    replica_id: str
+    component: str
+    request: ResourceRequest
+    ports: Sequence[PortSpec] = ()
+    sockets: Sequence[SocketSpec] = ()
+
+
 @dataclass(frozen=True)
 class Inventory:
+    """What the connector may hand out: GPUs (NVML order), CPU cores, memory."""
+
     gpus: tuple[GpuDevice, ...]
     cpus: tuple[int, ...]
     memory_bytes: int
     gpu_reason: str | None = None  # why there are no GPUs, when there are none
 
     @classmethod
-    def detect(cls, backend: GpuBackend | None, reason: str | None = None) -> Inventory:
-        """Blocking (NVML): call in a thread."""
+    def detect(
+        cls,
+        backend: GpuBackend | None,
+        reason: str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> Inventory:
+        """GPUs from ``backend`` (limited by ``CUDA_VISIBLE_DEVICES`` in ``environ``, the
+        process environment by default), CPU cores from the scheduler affinity, memory from
+        psutil. ``reason`` says why ``backend`` is None. Blocking (NVML): call in a thread."""
         gpus: list[GpuDevice] = backend.devices() if backend is not None else []
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
         if visible is not None and gpus:
-            allowed = [v.strip() for v in visible.split(",") if v.strip()]
-            gpus = [g for g in gpus if str(g.index) in allowed or g.uuid in allowed]
+            gpus = visible_gpus(gpus, visible)
             if not gpus:
                 reason = f"CUDA_VISIBLE_DEVICES={visible!r} leaves no GPU to hand out"
         return cls(
@@ -137,8 +170,35 @@ class Inventory:
         )
 
 
+def visible_gpus(gpus: Sequence[GpuDevice], visible: str) -> list[GpuDevice]:
+    """The GPUs a ``CUDA_VISIBLE_DEVICES`` value leaves, in NVML order, read as CUDA reads it.
+
+    Entries are indices or UUIDs; a UUID may be shortened to a prefix that names one GPU
+    ("GPU-3916acbf"). As in CUDA, an entry naming no GPU (e.g. ``-1``) hides it and every
+    entry after it. Indices are NVML's, which are CUDA's only under
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``: UUIDs are exact. ``MIG-`` entries name MIG instances,
+    which are not handed out: they are skipped.
+    """
+    chosen: list[str] = []
+    for raw in visible.split(","):
+        entry = raw.strip()
+        if entry.startswith("MIG-"):
+            continue
+        if entry.isdigit():
+            match = [g for g in gpus if g.index == int(entry)]
+        else:
+            match = [g for g in gpus if entry and g.uuid.startswith(entry)]
+        if len(match) != 1:
+            break
+        chosen.append(match[0].uuid)
+    return [g for g in gpus if g.uuid in chosen]
+
+
 @dataclass
 class ReleaseResult:
+    """How a release ended: whether the processes were gone within the timeout, and which
+    GPUs still listed them after it (now ``leaked``)."""
+
     replica_id: str
     processes_gone: bool
     leaked_gpus: tuple[str, ...] = ()
@@ -148,11 +208,27 @@ def _short(uuid: str) -> str:
     return uuid[:12] + "…" if len(uuid) > 13 else uuid
 
 
+def _plural(n: float, unit: str) -> str:
+    return f"{n:g} {unit}" if n == 1 else f"{n:g} {unit}s"
+
+
+def _gpu_amount(amount: float) -> str:
+    return f"{amount:g} of a GPU" if amount < 1 else _plural(amount, "GPU")
+
+
 def _ordinal(replica_id: str) -> str:
     return replica_id.rsplit("/", 1)[-1]
 
 
 class ResourceManager:
+    """Holds every replica's reservation; the only place resources are handed out.
+
+    ``foreign_memory_threshold_bytes``: a GPU whose processes that are not ours use more
+    GPU memory than this is skipped (known after :meth:`refresh`). ``release_timeout_s``:
+    how long :meth:`release` waits for processes to exit and NVML to let go before marking
+    a GPU leaked. ``on_event(kind, **fields)`` receives ``leak`` and ``allocate`` events.
+    """
+
     def __init__(
         self,
         inventory: Inventory,
@@ -173,11 +249,12 @@ class ResourceManager:
         self.on_event = on_event
         self._lock = threading.RLock()
         self._held: dict[str, Reservation] = {}
-        self._leaked: set[str] = set()
+        self._leaked: dict[str, str] = {}  # uuid -> the replica whose processes hold it
         self._foreign_busy: dict[str, int] = {}  # uuid -> bytes used by processes not ours
         self._last_sample: list[GpuSample] = []
         self._next_port = port_range[0]
         self._leak_tasks: set[asyncio.Task[None]] = set()
+        self._releases: dict[str, asyncio.Task[ReleaseResult]] = {}
 
     @classmethod
     async def create(
@@ -188,16 +265,20 @@ class ResourceManager:
         gpu_reason: str | None = None,
         **kwargs: Any,
     ) -> ResourceManager:
+        """A manager over the detected inventory (NVML read in a thread); ``gpu_reason``
+        says why ``gpu_backend`` is None; ``kwargs`` go to the constructor."""
         inventory = await asyncio.to_thread(Inventory.detect, gpu_backend, gpu_reason)
         return cls(inventory, working_dir=working_dir, gpu_backend=gpu_backend, **kwargs)
 
     # ---------------------------------------------------------------- queries
 
     def reservation(self, replica_id: str) -> Reservation | None:
+        """What ``replica_id`` holds, or None."""
         with self._lock:
             return self._held.get(replica_id)
 
     def reservations(self) -> list[Reservation]:
+        """Every reservation held, in the order they were made or adopted."""
         with self._lock:
             return list(self._held.values())
 
@@ -223,14 +304,21 @@ class ResourceManager:
         ports: Sequence[PortSpec] = (),
         sockets: Sequence[SocketSpec] = (),
     ) -> Reservation:
-        """Reserve everything one replica needs, or nothing (raises ResourcesExhausted)."""
+        """Reserve everything one replica needs, or nothing.
+
+        Raises :class:`ResourcesExhausted` naming what is missing and who holds it, with
+        ``details`` (``needed``, ``free``, and ``holders`` for GPUs or ``kind`` for the
+        rest). Synchronous with no await: atomic on the event loop, and locked for threads.
+        A replica that already holds a reservation gets it back unchanged. Stale socket
+        files at the reserved paths are removed.
+        """
         with self._lock:
             existing = self._held.get(replica_id)
             if existing is not None:
                 return existing
             label = f"{component} replica {_ordinal(replica_id)}"
             gpus, fraction = self._pick_gpus(label, request.gpu)
-            cores = self._check_cpu(label, request)
+            cores = self._check_cpu(label, request, gpus)
             self._check_memory(label, request.memory_bytes)
             port_map = self._pick_ports(label, ports)
             socket_map = self._socket_paths(component, replica_id, sockets)
@@ -255,10 +343,17 @@ class ResourceManager:
         return reservation
 
     def _usable(self, dev: GpuDevice) -> bool:
-        return (
-            dev.uuid not in self._leaked
-            and self._foreign_busy.get(dev.uuid, 0) <= self.foreign_threshold
-        )
+        return self._blocked_by(dev) is None
+
+    def _blocked_by(self, dev: GpuDevice) -> str | None:
+        """Why a GPU nobody of ours holds cannot be handed out, or None."""
+        if dev.uuid in self._leaked:
+            return "leaked"
+        if dev.mig_mode:
+            return "MIG mode"
+        if self._foreign_busy.get(dev.uuid, 0) > self.foreign_threshold:
+            return "foreign processes"
+        return None
 
     def _exhausted(self, message: str, **details: Any) -> ResourcesExhausted:
         return ResourcesExhausted(message, **details)
@@ -269,7 +364,7 @@ class ResourceManager:
         gpus = list(self.inventory.gpus)
         if not gpus:
             raise self._exhausted(
-                f"{label} needs {amount:g} GPU{'s' if amount != 1 else ''}, 0 on this machine"
+                f"{label} needs {_gpu_amount(amount)}, 0 on this machine"
                 f" ({self.inventory.gpu_reason or 'no GPU found'})",
                 needed=amount,
                 free=0,
@@ -302,28 +397,37 @@ class ResourceManager:
 
     def _gpu_exhausted(self, label: str, needed: float, free: int) -> ResourcesExhausted:
         holders: dict[str, list[str]] = {}
+        parts: list[str] = []
         for g in self.inventory.gpus:
             who = self._holders(g.uuid)
+            blocked = self._blocked_by(g)
             if who:
                 holders[g.uuid] = who
-            elif g.uuid in self._leaked:
-                holders[g.uuid] = ["leaked"]
-            elif self._foreign_busy.get(g.uuid, 0) > self.foreign_threshold:
-                holders[g.uuid] = ["foreign processes"]
-        parts = [f"{_short(u)} held by {', '.join(w)}" for u, w in holders.items()]
-        unit = "GPU" if needed == 1 or needed < 1 else "GPUs"
-        what = f"{needed:g} of a GPU" if needed < 1 else f"{needed:g} {unit}"
-        message = f"{label} needs {what}, {free} free"
+                parts.append(f"{_short(g.uuid)} held by {', '.join(who)}")
+            elif blocked is not None:
+                holders[g.uuid] = [blocked]
+                parts.append(f"{_short(g.uuid)} {self._blocked_phrase(g.uuid, blocked)}")
+        message = f"{label} needs {_gpu_amount(needed)}, {free} free"
         if parts:
             message += "; " + "; ".join(parts)
         return self._exhausted(message, needed=needed, free=free, holders=holders)
 
-    def _check_cpu(self, label: str, request: ResourceRequest) -> tuple[int, ...]:
+    def _blocked_phrase(self, uuid: str, blocked: str) -> str:
+        if blocked == "leaked":
+            return f"leaked by {self._leaked[uuid]} (NVML still lists its processes)"
+        if blocked == "foreign processes":
+            used = format_memory(self._foreign_busy.get(uuid, 0))
+            return f"busy with foreign processes ({used} of GPU memory)"
+        return "in MIG mode (MIG instances are not handed out)"
+
+    def _check_cpu(
+        self, label: str, request: ResourceRequest, gpus: Sequence[str] = ()
+    ) -> tuple[int, ...]:
         total = float(len(self.inventory.cpus))
         used = sum(r.cpu_cores for r in self._held.values())
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
-                f"{label} needs {request.cpu:g} CPU core{'' if request.cpu == 1 else 's'}, "
+                f"{label} needs {_plural(request.cpu, 'CPU core')}, "
                 f"{max(total - used, 0):g} of {total:g} unreserved",
                 needed=request.cpu,
                 free=max(total - used, 0),
@@ -336,12 +440,25 @@ class ResourceManager:
         want = math.ceil(request.cpu)
         if len(free) < want:
             raise self._exhausted(
-                f"{label} needs {want} pinned CPU cores, {len(free)} not pinned",
+                f"{label} needs {_plural(want, 'pinned CPU core')}, {len(free)} not pinned",
                 needed=want,
                 free=len(free),
                 kind="cpu",
             )
-        return tuple(free[:want])
+        # Cores close to the replica's GPUs first (NVML's CPU affinity), when NVML says.
+        near = self._gpu_affinity(gpus)
+        free.sort(key=lambda c: (c not in near, c))
+        return tuple(sorted(free[:want]))
+
+    def _gpu_affinity(self, gpus: Sequence[str]) -> set[int]:
+        by_uuid = {g.uuid: g for g in self.inventory.gpus}
+        near: set[int] = set()
+        for uuid in gpus:
+            dev = by_uuid.get(uuid)
+            if dev is None or dev.cpu_affinity is None:
+                return set()
+            near.update(dev.cpu_affinity)
+        return near
 
     def _check_memory(self, label: str, amount: int) -> None:
         if not amount:
@@ -374,8 +491,10 @@ class ResourceManager:
                 continue
             out[specs[len(out)].name] = candidate
         if len(out) < len(specs):
+            mine = sum(1 for p in taken if lo <= p <= hi)
             raise self._exhausted(
-                f"{label} needs {len(specs)} ports, no free port left in {lo}-{hi}",
+                f"{label} needs {_plural(len(specs), 'port')}, {len(out)} free in {lo}-{hi} "
+                f"({mine} held by replicas, the rest bound by other processes)",
                 needed=len(specs),
                 free=len(out),
                 kind="ports",
@@ -387,10 +506,13 @@ class ResourceManager:
         self, component: str, replica_id: str, specs: Sequence[SocketSpec]
     ) -> dict[str, str]:
         base = self.working_dir / "sock"
+        held = {p for r in self._held.values() for p in r.sockets.values()}
         out: dict[str, str] = {}
         for spec in specs:
-            path = base / f"{component.lower()}-{_ordinal(replica_id)}-{spec.name}.sock"
-            if len(os.fsencode(str(path))) >= SOCKET_PATH_LIMIT:
+            name = f"{component.lower()}-{_ordinal(replica_id)}-{spec.name}"
+            path = base / f"{_UNSAFE_IN_NAME.sub('_', name)}.sock"
+            # Too long, or taken (components differing only in case): a hashed name.
+            if len(os.fsencode(str(path))) >= SOCKET_PATH_LIMIT or str(path) in held:
                 digest = hashlib.sha1(f"{replica_id}/{spec.name}".encode()).hexdigest()[:12]
                 path = base / f"{digest}.sock"
             if len(os.fsencode(str(path))) >= SOCKET_PATH_LIMIT:
@@ -406,48 +528,108 @@ class ResourceManager:
         return out
 
     def reserve_many(
-        self,
-        asks: Sequence[tuple[str, str, ResourceRequest, Sequence[PortSpec], Sequence[SocketSpec]]],
+        self, asks: Sequence[ReservationAsk]
     ) -> tuple[list[Reservation], list[ResourcesExhausted]]:
-        """Each ask all-or-nothing; those that fit are kept, the rest reported."""
+        """Reserve for several replicas in order, each all-or-nothing: those that fit are
+        kept (in order), the others reported, one error each; nothing is rolled back."""
         done: list[Reservation] = []
         failed: list[ResourcesExhausted] = []
-        for replica_id, component, request, ports, sockets in asks:
-            try:
-                done.append(self.reserve(replica_id, component, request, ports, sockets))
-            except ResourcesExhausted as exc:
-                failed.append(exc)
+        with self._lock:
+            for ask in asks:
+                replica_id, component, request, ports, sockets = ReservationAsk(*ask)
+                try:
+                    done.append(self.reserve(replica_id, component, request, ports, sockets))
+                except ResourcesExhausted as exc:
+                    failed.append(exc)
         return done, failed
 
     def reservation_from_dict(self, data: Mapping[str, Any]) -> Reservation:
+        """:meth:`Reservation.from_dict` (for callers that only hold the manager)."""
         return Reservation.from_dict(data)
 
     def adopt(self, reservation: Reservation) -> Reservation:
-        """Re-install a persisted reservation (connector restart). Idempotent."""
+        """Re-install a persisted reservation (connector restart) and return what is held.
+
+        Idempotent: a replica already holding one keeps it. The reservation is installed
+        even when it collides with another (its process holds those resources either way);
+        the collision is reported as an ``allocate`` event so nothing passes silently.
+        """
         with self._lock:
-            self._held.setdefault(reservation.replica_id, reservation)
-            return self._held[reservation.replica_id]
+            held = self._held.get(reservation.replica_id)
+            if held is not None:
+                return held
+            clash = self._collisions(reservation)
+            self._held[reservation.replica_id] = reservation
+        if clash:
+            self._emit(
+                "allocate",
+                component=reservation.component,
+                replica=reservation.replica_id,
+                outcome="failed",
+                reason=f"adopted {reservation.replica_id} overlaps: {'; '.join(clash)}",
+                details={"collisions": clash},
+            )
+        return reservation
+
+    def _collisions(self, r: Reservation) -> list[str]:
+        """What ``r`` would share with the reservations held now (callers hold the lock)."""
+        out = []
+        for uuid in r.gpus:
+            whole = self._whole_holder(uuid)
+            fraction = self._fraction_used(uuid)
+            if whole is not None:
+                out.append(f"{_short(uuid)} is held whole by {whole}")
+            elif fraction and (not r.gpu_fraction or fraction + r.gpu_fraction > 1 + EPS):
+                out.append(f"{_short(uuid)} is {fraction:g} taken by fractions")
+        ports = {p: o.replica_id for o in self._held.values() for p in o.ports.values()}
+        out += [f"port {p} is held by {ports[p]}" for p in r.ports.values() if p in ports]
+        cpus = {c: o.replica_id for o in self._held.values() for c in o.cpus}
+        out += [f"CPU {c} is pinned by {cpus[c]}" for c in r.cpus if c in cpus]
+        return out
 
     def adopt_dict(self, data: Mapping[str, Any]) -> Reservation:
+        """:meth:`adopt` a reservation in its :meth:`Reservation.to_dict` form."""
         return self.adopt(Reservation.from_dict(data))
 
     # ---------------------------------------------------------------- release
 
     async def release(self, replica_id: str, pids: Collection[int]) -> ReleaseResult:
-        """Give back a replica's resources once its processes are gone and, for GPUs, NVML
-        lists none of its PIDs; a GPU still busy after the timeout is marked leaked."""
+        """Give back a replica's resources once ``pids`` (its process tree) are gone (psutil)
+        and, for GPUs, NVML lists none of them, both within ``release_timeout_s``.
+
+        Until then the reservation stays held. A GPU still listing them after the timeout
+        is marked ``leaked`` (reported by a ``leak`` event), stays unallocatable, and
+        becomes free again, with another event, once NVML lets go. Empty ``pids`` (the
+        processes are known to be gone) release at once. Concurrent calls for one replica
+        share one wait. An unknown replica is a no-op.
+        """
+        running = self._releases.get(replica_id)
+        if running is not None:
+            return await asyncio.shield(running)
         with self._lock:
             reservation = self._held.get(replica_id)
         if reservation is None:
             return ReleaseResult(replica_id, True)
-        pid_set = set(pids)
+        task = asyncio.get_running_loop().create_task(self._release(reservation, set(pids)))
+        self._releases[replica_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._releases.pop(replica_id, None)
+            else:  # we were cancelled; the release goes on and cleans up after itself
+                task.add_done_callback(lambda _: self._releases.pop(replica_id, None))
+
+    async def _release(self, reservation: Reservation, pid_set: set[int]) -> ReleaseResult:
+        replica_id = reservation.replica_id
+        deadline = time.monotonic() + self.release_timeout_s
         gone = await asyncio.to_thread(procs.wait_gone, pid_set, self.release_timeout_s)
         leaked: tuple[str, ...] = ()
         if reservation.gpus and self.gpu_backend is not None and pid_set:
-            leaked = await self._wait_gpus_free(reservation.gpus, pid_set)
+            leaked = await self._wait_gpus_free(reservation.gpus, pid_set, deadline)
         with self._lock:
             self._held.pop(replica_id, None)
-            self._leaked.update(leaked)
+            self._leaked.update(dict.fromkeys(leaked, replica_id))
         for uuid in leaked:
             # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS).
             self._emit(
@@ -465,8 +647,11 @@ class ResourceManager:
                 await asyncio.to_thread(os.unlink, path)
         return ReleaseResult(replica_id, gone, leaked)
 
-    async def _wait_gpus_free(self, uuids: Sequence[str], pids: set[int]) -> tuple[str, ...]:
-        deadline = time.monotonic() + self.release_timeout_s
+    async def _wait_gpus_free(
+        self, uuids: Sequence[str], pids: set[int], deadline: float
+    ) -> tuple[str, ...]:
+        """The GPUs of ``uuids`` still listing any of ``pids`` at ``deadline`` (NVML is read
+        at least once)."""
         while True:
             busy = await asyncio.to_thread(self._gpus_listing, uuids, pids)
             if not busy or time.monotonic() >= deadline:
@@ -486,7 +671,7 @@ class ResourceManager:
                 await asyncio.sleep(1.0)
                 if not await asyncio.to_thread(self._gpus_listing, [uuid], pids):
                     with self._lock:
-                        self._leaked.discard(uuid)
+                        self._leaked.pop(uuid, None)
                     self._emit(
                         "leak",
                         component=reservation.component,
@@ -509,7 +694,9 @@ class ResourceManager:
     # --------------------------------------------------------------- sampling
 
     def refresh(self, our_pids: Collection[int]) -> None:
-        """Re-read NVML: who else uses each GPU (blocking: call in a thread)."""
+        """Re-read NVML: how much GPU memory processes outside ``our_pids`` (every replica's
+        process tree) use on each GPU, for the foreign-use check and the machine view.
+        Blocking: call it in a thread."""
         if self.gpu_backend is None:
             return
         samples = self.gpu_backend.sample()
@@ -523,7 +710,9 @@ class ResourceManager:
             self._foreign_busy = foreign
 
     async def close(self) -> None:
-        for task in list(self._leak_tasks):
+        """Stop the leak watchers and releases still waiting (their reservations stay
+        held, as persisted), and close the GPU backend."""
+        for task in [*self._leak_tasks, *self._releases.values()]:
             task.cancel()
         if self.gpu_backend is not None:
             await asyncio.to_thread(self.gpu_backend.close)
@@ -531,7 +720,10 @@ class ResourceManager:
     # ------------------------------------------------------------------- view
 
     def machine_view(self) -> dict[str, Any]:
-        """The whole machine for the API, the status page and the exporter."""
+        """The whole machine for the API, the status page and the exporter: per GPU its
+        state (``free``, ``allocated``, ``leaked``), owners, fraction used, memory (used as of
+        the last :meth:`refresh`), foreign use and MIG mode; CPU and memory budgets; ports
+        and sockets per replica. JSON-safe."""
         with self._lock:
             samples = {s.uuid: s for s in self._last_sample}
             gpus = []
@@ -551,6 +743,7 @@ class ResourceManager:
                     "foreign_memory_bytes": self._foreign_busy.get(g.uuid, 0),
                     "blocked_by_foreign": self._foreign_busy.get(g.uuid, 0)
                     > self.foreign_threshold,
+                    "mig_mode": g.mig_mode,
                 }
                 sample = samples.get(g.uuid)
                 if sample is not None and sample.memory_used_bytes is not None:
@@ -560,9 +753,12 @@ class ResourceManager:
             reserved_memory = sum(r.memory_bytes for r in self._held.values())
             return {
                 "gpus": gpus,
-                # A GPU busy with foreign processes is not allocated, but not usable either.
+                # A GPU busy with foreign processes (or in MIG mode) is not allocated, but not
+                # usable either.
                 "free_gpus": sum(
-                    1 for g in gpus if g["state"] == "free" and not g["blocked_by_foreign"]
+                    1
+                    for g, e in zip(self.inventory.gpus, gpus, strict=True)
+                    if e["state"] == "free" and self._blocked_by(g) is None
                 ),
                 "gpu_backend": self.inventory.gpu_reason or "ok",
                 "cpu": {
@@ -636,6 +832,9 @@ async def open_resource_manager(
     foreign_memory_threshold_bytes: int = 1 << 30,
     release_timeout_s: float = 30.0,
 ) -> ResourceManager:
+    """Open the GPU backend named by ``gpu_backend_spec`` (see
+    :func:`connector.nvml.open_gpu_backend`) and build a manager over the detected
+    inventory; without a GPU the manager has none, and says why in its machine view."""
     backend, reason = await asyncio.to_thread(open_gpu_backend, gpu_backend_spec)
     del namespace  # paths are under the namespace's working dir already
     return await ResourceManager.create(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,15 @@ import pytest
 
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
-from connector.nvml import GpuBackend
+from connector.nvml import GpuBackend, GpuDevice
 from connector.resources import (
     Inventory,
     ReleaseResult,
     Reservation,
+    ReservationAsk,
     ResourceManager,
     open_resource_manager,
+    visible_gpus,
 )
 from tests.nvml_fakes import (
     H100_CAPTURE,
@@ -69,6 +72,14 @@ def make_manager(
         memory_bytes=memory,
         gpu_reason=gpu_reason,
     )
+    return ResourceManager(inventory, working_dir=working_dir, gpu_backend=backend, **kw)
+
+
+def manager_over(
+    working_dir: Path, devices: list[GpuDevice], backend: GpuBackend | None = None, **kw: Any
+) -> ResourceManager:
+    """A manager over edited devices (MIG mode, CPU affinity) of a fake machine."""
+    inventory = Inventory(gpus=tuple(devices), cpus=CPUS, memory_bytes=MEMORY)
     return ResourceManager(inventory, working_dir=working_dir, gpu_backend=backend, **kw)
 
 
@@ -159,6 +170,25 @@ def test_cuda_visible_devices_limits_what_is_handed_out(
 
 def test_cuda_visible_devices_unset_leaves_all_gpus(no_cuda_env: None) -> None:
     assert len(Inventory.detect(eight_gpu_backend()).gpus) == 8
+
+
+@pytest.mark.parametrize(
+    ("visible", "indices"),
+    [
+        ("GPU-3916acc1", (2,)),  # a UUID prefix naming one GPU, as CUDA allows
+        ("3,GPU-3916acc,5", (3,)),  # a prefix naming several is invalid, and hides what follows
+        ("0,2,-1,1", (0, 2)),  # CUDA hides an invalid entry and everything after it
+        ("4,4", (4,)),
+        (f"MIG-{U[5][4:]}/1/0,6", (6,)),  # MIG instances are not handed out: skipped
+    ],
+)
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(
+    visible: str, indices: tuple[int, ...]
+) -> None:
+    devices = eight_gpu_backend().devices()
+    assert tuple(g.index for g in visible_gpus(devices, visible)) == indices
+    inv = Inventory.detect(eight_gpu_backend(), environ={"CUDA_VISIBLE_DEVICES": visible})
+    assert tuple(g.index for g in inv.gpus) == indices
 
 
 async def test_open_resource_manager_with_the_fake_and_without_gpus(
@@ -270,7 +300,7 @@ def test_no_gpu_machine_says_why(tmp_path: Path) -> None:
     m = make_manager(tmp_path, None, gpu_reason="NVML library not found (no NVIDIA driver)")
     error = exhausted(lambda: m.reserve("Half/1", "Half", HALF))
     assert error.message == (
-        "Half replica 1 needs 0.5 GPUs, 0 on this machine "
+        "Half replica 1 needs 0.5 of a GPU, 0 on this machine "
         "(NVML library not found (no NVIDIA driver))"
     )
     # No GPU asked: fine, and the process sees no GPU at all.
@@ -353,10 +383,32 @@ def test_a_gpu_busy_with_a_foreign_process_is_skipped(tmp_path: Path) -> None:
     error = exhausted(lambda: m.reserve("X/1", "X", GPU1))
     assert error.message.startswith("X replica 1 needs 1 GPU, 0 free; ")
     assert error.details["holders"][U[1]] == ["foreign processes"]
-    assert "GPU-3916acc0… held by foreign processes" in error.message
+    assert "; GPU-3916acc0… busy with foreign processes (2Gi of GPU memory);" in error.message
     # The same process counted as ours (e.g. a replica's child) does not block the GPU.
     m.refresh(our_pids={99999})
     assert m.reserve("X/1", "X", GPU1).gpus == (U[1],)
+
+
+def test_a_gpu_in_mig_mode_is_not_handed_out(tmp_path: Path) -> None:
+    devices = eight_gpu_backend().devices()[:3]
+    devices[0] = replace(devices[0], mig_mode=True)
+    m = manager_over(tmp_path, devices)
+    assert m.reserve("A/1", "A", GPU1).gpus == (U[1],)
+    assert m.reserve("Half/1", "Half", HALF).gpus == (U[2],)
+    error = exhausted(lambda: m.reserve("A/2", "A", GPU1))
+    assert error.message == (
+        "A replica 2 needs 1 GPU, 0 free; "
+        "GPU-3916acbf… in MIG mode (MIG instances are not handed out); "
+        "GPU-3916acc0… held by A/1; GPU-3916acc1… held by Half/1"
+    )
+    assert error.details["holders"][U[0]] == ["MIG mode"]
+    view = m.machine_view()
+    assert [(g["state"], g["mig_mode"]) for g in view["gpus"]] == [
+        ("free", True),
+        ("allocated", False),
+        ("allocated", False),
+    ]
+    assert view["free_gpus"] == 0
 
 
 def test_the_foreign_threshold_is_configurable(tmp_path: Path) -> None:
@@ -365,8 +417,14 @@ def test_the_foreign_threshold_is_configurable(tmp_path: Path) -> None:
     strict.refresh(our_pids=set())
     error = exhausted(lambda: strict.reserve("Decode/1", "Decode", GPU1))
     assert error.message == (
-        "Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by foreign processes"
+        "Decode replica 1 needs 1 GPU, 0 free; "
+        "GPU-3916acbf… busy with foreign processes (3130Mi of GPU memory)"
     )
+    assert error.details == {
+        "needed": 1,
+        "free": 0,
+        "holders": {H100_UUID: ["foreign processes"]},
+    }
     lenient = make_manager(tmp_path, backend, foreign_memory_threshold_bytes=4 * GIB)
     lenient.refresh(our_pids=set())
     assert lenient.reserve("Decode/1", "Decode", GPU1).gpus == (H100_UUID,)
@@ -420,7 +478,7 @@ def test_pinned_cores_are_whole_and_never_shared(tmp_path: Path) -> None:
     assert b.cpus == (5, 7)  # 1.5 cores pin 2 whole cores
     # 0.5 core is left in the budget, but no core is left to pin.
     error = exhausted(lambda: m.reserve("C/1", "C", ResourceRequest(cpu=0.5, pin_cpus=True)))
-    assert error.message == "C replica 1 needs 1 pinned CPU cores, 0 not pinned"
+    assert error.message == "C replica 1 needs 1 pinned CPU core, 0 not pinned"
     assert error.details == {"needed": 1, "free": 0, "kind": "cpu"}
     # Unpinned it fits the budget.
     assert m.reserve("C/1", "C", ResourceRequest(cpu=0.5)).cpus == ()
@@ -429,6 +487,28 @@ def test_pinned_cores_are_whole_and_never_shared(tmp_path: Path) -> None:
         "reserved_cores": 4.0,
         "pinned": [2, 3, 5, 7],
     }
+
+
+def test_pinned_cores_are_taken_near_the_replicas_gpus(tmp_path: Path) -> None:
+    # GPUs 0-3 are attached to cores 0-3, GPUs 4-7 to cores 4-7 (NVML's CPU affinity).
+    devices = [
+        replace(g, cpu_affinity=tuple(range(4)) if g.index < 4 else tuple(range(4, 8)))
+        for g in eight_gpu_backend(nvlink_pairs=(), numa_nodes={}).devices()
+    ]
+    m = manager_over(tmp_path, devices)
+    assert m.reserve("A/1", "A", ResourceRequest(gpu=1, cpu=1, pin_cpus=True)).cpus == (0,)
+    assert m.reserve("Big/1", "Big", ResourceRequest(gpu=3)).gpus == tuple(U[1:4])
+    # GPU 4 is next: its cores, not the lowest free ones (1-3).
+    pinned = m.reserve("B/1", "B", ResourceRequest(gpu=1, cpu=2, pin_cpus=True))
+    assert (pinned.gpus, pinned.cpus) == ((U[4],), (4, 5))
+    # Near cores run out: the rest come from the lowest free ones.
+    m.reserve("C/1", "C", ResourceRequest(cpu=2, pin_cpus=True))  # no GPU: lowest (1, 2)
+    wide = m.reserve("D/1", "D", ResourceRequest(gpu=1, cpu=3, pin_cpus=True))
+    assert (wide.gpus, wide.cpus) == ((U[5],), (3, 6, 7))
+    # Without known affinity the lowest free cores are taken.
+    m = manager_over(tmp_path, [replace(d, cpu_affinity=None) for d in devices])
+    m.reserve("Big/1", "Big", ResourceRequest(gpu=4))
+    assert m.reserve("B/1", "B", ResourceRequest(gpu=1, cpu=2, pin_cpus=True)).cpus == (0, 1)
 
 
 def test_all_or_nothing_a_refused_part_keeps_nothing(tmp_path: Path) -> None:
@@ -452,6 +532,25 @@ def test_reserve_many_keeps_those_that_fit_and_reports_the_rest(tmp_path: Path) 
     assert [e.message for e in failed] == [
         "Half replica 3 needs 0.5 of a GPU, 0 free; GPU-3916acbf… held by Half/1, Half/2"
     ]
+
+
+def test_reserve_many_takes_named_asks(tmp_path: Path) -> None:
+    first = free_run(2)
+    m = make_manager(tmp_path, eight_gpu_backend(), port_range=(first, first + 1))
+    done, failed = m.reserve_many(
+        [
+            ReservationAsk("TP/1", "TP", GPU2, ports=[PortSpec("http")]),
+            ReservationAsk("TP/2", "TP", GPU2, ports=[PortSpec("http"), PortSpec("rpc")]),
+            ReservationAsk("Front/1", "Front", ResourceRequest(cpu=1)),
+        ]
+    )
+    assert [(r.replica_id, r.gpus, r.ports) for r in done] == [
+        ("TP/1", (U[0], U[1]), {"http": first}),
+        ("Front/1", (), {}),
+    ]
+    assert [e.details for e in failed] == [{"needed": 2, "free": 1, "kind": "ports"}]
+    assert m.reservation("TP/2") is None  # its GPUs were not kept
+    assert m.machine_view()["free_gpus"] == 6
 
 
 # --------------------------------------------------------------------------- reservations
@@ -521,6 +620,47 @@ def test_adopt_after_a_restart_holds_the_same_resources(tmp_path: Path) -> None:
     assert again.reserve("Half/2", "Half", HALF).gpus == (U[2],)
 
 
+def test_adopting_a_colliding_reservation_keeps_it_and_says_so(tmp_path: Path) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        eight_gpu_backend(),
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.adopt(Reservation("A/1", "A", gpus=(U[0],), cpus=(3,), ports={"http": 21000}))
+    m.adopt(Reservation("Q/1", "Q", gpus=(U[1],), gpu_fraction=0.5))
+    # A fraction that still fits beside other fractions is no collision.
+    m.adopt(Reservation("Q/2", "Q", gpus=(U[1],), gpu_fraction=0.25))
+    assert events == []
+    clash = Reservation(
+        "B/1", "B", gpus=(U[0], U[1]), cpus=(3, 4), ports={"http": 21000, "rpc": 21001}
+    )
+    assert m.adopt(clash) == clash
+    assert events == [
+        (
+            "allocate",
+            {
+                "component": "B",
+                "replica": "B/1",
+                "outcome": "failed",
+                "reason": "adopted B/1 overlaps: GPU-3916acbf… is held whole by A/1; "
+                "GPU-3916acc0… is 0.75 taken by fractions; port 21000 is held by A/1; "
+                "CPU 3 is pinned by A/1",
+                "details": {
+                    "collisions": [
+                        "GPU-3916acbf… is held whole by A/1",
+                        "GPU-3916acc0… is 0.75 taken by fractions",
+                        "port 21000 is held by A/1",
+                        "CPU 3 is pinned by A/1",
+                    ]
+                },
+            },
+        )
+    ]
+    # Both are held (their processes hold the GPU either way), and the view shows it.
+    assert m.machine_view()["gpus"][0]["owners"] == ["A/1", "B/1"]
+
+
 # --------------------------------------------------------------------------- ports
 
 
@@ -536,7 +676,8 @@ def test_ports_are_really_free_and_distinct(tmp_path: Path) -> None:
         assert b.ports == {"http": first + 2}
         error = exhausted(lambda: m.reserve("C/1", "C", ResourceRequest(), [PortSpec("http")]))
         assert error.message == (
-            f"C replica 1 needs 1 ports, no free port left in {first}-{first + 2}"
+            f"C replica 1 needs 1 port, 0 free in {first}-{first + 2} "
+            "(2 held by replicas, the rest bound by other processes)"
         )
         assert error.details == {"needed": 1, "free": 0, "kind": "ports"}
         asyncio.run(m.release("A/1", ()))
@@ -555,6 +696,10 @@ def test_two_ports_for_one_replica_are_all_or_nothing(tmp_path: Path) -> None:
         "rpc": first + 1,
     }
     error = exhausted(lambda: m.reserve("B/1", "B", ResourceRequest(), two))
+    assert error.message == (
+        f"B replica 1 needs 2 ports, 1 free in {first}-{first + 2} "
+        "(2 held by replicas, the rest bound by other processes)"
+    )
     assert error.details == {"needed": 2, "free": 1, "kind": "ports"}
     assert [r.replica_id for r in m.reservations()] == ["A/1"]
 
@@ -619,6 +764,21 @@ def test_socket_paths_are_short_deterministic_and_stale_files_go(short_dir: Path
     again = make_manager(short_dir).reserve("Decode/1", "Decode", ResourceRequest(), (), spec)
     assert again.sockets == r.sockets
     assert m.machine_view()["sockets"] == {"Decode/1": {"rpc": str(expected)}}
+
+
+def test_socket_names_never_collide_or_leave_the_socket_folder(short_dir: Path) -> None:
+    m = make_manager(short_dir)
+    first = m.reserve("Decode/1", "Decode", ResourceRequest(), (), [SocketSpec("rpc")])
+    path = Path(first.sockets["rpc"])
+    assert path == short_dir / "sock" / "decode-1-rpc.sock"
+    path.write_text("bound by Decode/1")  # stands in for the live socket
+    # "decode" differs only in case: a hashed name, and Decode/1's socket stays.
+    other = m.reserve("decode/1", "decode", ResourceRequest(), (), [SocketSpec("rpc")])
+    digest = hashlib.sha1(b"decode/1/rpc").hexdigest()[:12]
+    assert other.sockets == {"rpc": str(short_dir / "sock" / f"{digest}.sock")}
+    assert path.read_text() == "bound by Decode/1"
+    odd = m.reserve("W/1", "W", ResourceRequest(), (), [SocketSpec("../x y")])
+    assert odd.sockets == {"../x y": str(short_dir / "sock" / "w-1-.._x_y.sock")}
 
 
 def test_a_long_working_dir_gets_hashed_socket_names(short_dir: Path) -> None:
@@ -763,7 +923,8 @@ async def test_a_gpu_still_listed_after_the_timeout_is_leaked_until_free(
             error = exhausted(functools.partial(m.reserve, "Decode/2", "Decode", request))
             assert error.details["holders"] == {H100_UUID: ["leaked"]}
         assert exhausted(lambda: m.reserve("Decode/2", "Decode", GPU1)).message == (
-            "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… held by leaked"
+            "Decode replica 2 needs 1 GPU, 0 free; "
+            "GPU-3916acbf… leaked by Decode/1 (NVML still lists its processes)"
         )
         backend.remove_pid(pid)  # the driver lets go; the watcher polls every second
         await poll(lambda: m.machine_view()["gpus"][0]["state"] == "free", limit_s=5)
@@ -796,6 +957,49 @@ async def test_a_process_that_outlives_the_timeout_leaks_its_gpu(tmp_path: Path)
         proc.kill()
         proc.wait()
         await m.close()
+
+
+async def test_concurrent_releases_of_one_replica_share_one_wait(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        backend,
+        release_timeout_s=0.3,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.reserve("Decode/1", "Decode", GPU1)
+    pid = dead_pid()
+    backend.add_process(0, pid, GIB)
+    try:
+        first, second = await asyncio.gather(
+            m.release("Decode/1", {pid}), m.release("Decode/1", {pid})
+        )
+        assert first == second == ReleaseResult("Decode/1", True, (H100_UUID,))
+        assert [(kind, f["outcome"]) for kind, f in events] == [("leak", "failed")]
+        assert len(m._leak_tasks) == 1
+        # Done: a later call finds nothing to release.
+        assert await m.release("Decode/1", {pid}) == ReleaseResult("Decode/1", True)
+    finally:
+        await m.close()
+
+
+async def test_close_cancels_a_waiting_release_and_keeps_the_reservation(
+    tmp_path: Path,
+) -> None:
+    m = make_manager(tmp_path, h100_backend(keep_captured_processes=False))
+    r = m.reserve("Decode/1", "Decode", GPU1)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        release = asyncio.create_task(m.release("Decode/1", {proc.pid}))
+        await poll(lambda: "Decode/1" in m._releases)
+        await m.close()
+        with pytest.raises(asyncio.CancelledError):
+            await release
+        assert m.reservation("Decode/1") == r
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 async def test_close_stops_leak_watchers(tmp_path: Path) -> None:
@@ -842,6 +1046,7 @@ def test_machine_view_is_exact(short_dir: Path) -> None:
                 "memory_total_bytes": H100_MEMORY_TOTAL,
                 "foreign_memory_bytes": 0,
                 "blocked_by_foreign": False,
+                "mig_mode": False,
                 "memory_used_bytes": 3794599936 - 3282042880 + 2 * GIB,
             }
         ],

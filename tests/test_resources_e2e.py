@@ -182,7 +182,8 @@ async def test_the_capture_as_is_has_its_gpu_held_by_a_foreign_process(tmp_path:
         with pytest.raises(ResourcesExhausted) as info:
             await conn.scale_component("Decode", 1, timeout_s=30)
         assert info.value.message == (
-            "Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by foreign processes"
+            "Decode replica 1 needs 1 GPU, 0 free; "
+            "GPU-3916acbf… busy with foreign processes (3130Mi of GPU memory)"
         )
         assert (info.value.details["started"], info.value.details["target"]) == ([], 0)
         assert replica_ids(conn, "Decode") == []

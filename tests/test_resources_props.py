@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import FakeGpuBackend
-from connector.resources import Inventory, Reservation, ResourceManager
+from connector.resources import Inventory, Reservation, ReservationAsk, ResourceManager
 from tests.nvml_fakes import capture_path, eight_gpu_backend
 from tests.test_resources import free_run
 
@@ -172,7 +172,7 @@ class Allocation(RuleBasedStateMachine):
         ids = [self.next_id(component) for component, *_ in batch]
         done, failed = self.manager.reserve_many(
             [
-                (rid, c, req, port_specs(p), socket_specs(s))
+                ReservationAsk(rid, c, req, port_specs(p), socket_specs(s))
                 for rid, (c, req, p, s) in zip(ids, batch, strict=True)
             ]
         )
