@@ -226,7 +226,8 @@ class ResourceManager:
     ``foreign_memory_threshold_bytes``: a GPU whose processes that are not ours use more
     GPU memory than this is skipped (known after :meth:`refresh`). ``release_timeout_s``:
     how long :meth:`release` waits for processes to exit and NVML to let go before marking
-    a GPU leaked. ``on_event(kind, **fields)`` receives ``leak`` and ``allocate`` events.
+    a GPU leaked, polling NVML every ``release_poll_s``. ``on_event(kind, **fields)``
+    receives ``leak`` and ``allocate`` events.
     """
 
     def __init__(
@@ -239,12 +240,14 @@ class ResourceManager:
         release_timeout_s: float = 30.0,
         gpu_backend: GpuBackend | None = None,
         on_event: Callable[..., Any] | None = None,
+        release_poll_s: float = 0.1,
     ) -> None:
         self.inventory = inventory
         self.working_dir = working_dir
         self.port_range = port_range
         self.foreign_threshold = foreign_memory_threshold_bytes
         self.release_timeout_s = release_timeout_s
+        self.release_poll_s = release_poll_s
         self.gpu_backend = gpu_backend
         self.on_event = on_event
         self._lock = threading.RLock()
@@ -361,6 +364,9 @@ class ResourceManager:
     def _pick_gpus(self, label: str, amount: float) -> tuple[tuple[str, ...], float]:
         if amount <= 0:
             return (), 0.0
+        if amount > 1 and amount != int(amount):
+            # The graph loader refuses these; a caller building requests by hand may not.
+            raise ValueError(f"gpu must be a fraction below 1 or a whole number, got {amount:g}")
         gpus = list(self.inventory.gpus)
         if not gpus:
             raise self._exhausted(
@@ -656,7 +662,7 @@ class ResourceManager:
             busy = await asyncio.to_thread(self._gpus_listing, uuids, pids)
             if not busy or time.monotonic() >= deadline:
                 return tuple(busy)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(self.release_poll_s)
 
     def _gpus_listing(self, uuids: Sequence[str], pids: set[int]) -> list[str]:
         assert self.gpu_backend is not None
@@ -737,7 +743,8 @@ class ResourceManager:
                     "state": state,
                     "owners": owners,
                     "fraction_used": round(
-                        1.0 if self._whole_holder(g.uuid) else self._fraction_used(g.uuid), 6
+                        1.0 if self._whole_holder(g.uuid) else float(self._fraction_used(g.uuid)),
+                        6,
                     ),
                     "memory_total_bytes": g.memory_total_bytes,
                     "foreign_memory_bytes": self._foreign_busy.get(g.uuid, 0),

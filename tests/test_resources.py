@@ -296,6 +296,17 @@ def test_fraction_env_and_best_fit(tmp_path: Path) -> None:
     assert [g["fraction_used"] for g in m.machine_view()["gpus"]][:3] == [1.0, 1.0, 0.75]
 
 
+def test_a_gpu_count_that_is_neither_whole_nor_a_fraction_is_a_caller_error(
+    tmp_path: Path,
+) -> None:
+    m = make_manager(tmp_path, eight_gpu_backend())
+    with pytest.raises(
+        ValueError, match=r"^gpu must be a fraction below 1 or a whole number, got 1\.5$"
+    ):
+        m.reserve("TP/1", "TP", ResourceRequest(gpu=1.5))
+    assert m.reservations() == []
+
+
 def test_no_gpu_machine_says_why(tmp_path: Path) -> None:
     m = make_manager(tmp_path, None, gpu_reason="NVML library not found (no NVIDIA driver)")
     error = exhausted(lambda: m.reserve("Half/1", "Half", HALF))

@@ -33,7 +33,13 @@ from hypothesis.stateful import (
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import FakeGpuBackend
-from connector.resources import Inventory, Reservation, ReservationAsk, ResourceManager
+from connector.resources import (
+    Inventory,
+    ReleaseResult,
+    Reservation,
+    ReservationAsk,
+    ResourceManager,
+)
 from tests.nvml_fakes import capture_path, eight_gpu_backend
 from tests.test_resources import free_run
 
@@ -85,6 +91,7 @@ class Allocation(RuleBasedStateMachine):
             port_range=(self.first_port, self.first_port + 39),
             gpu_backend=self.backend,
             release_timeout_s=5.0,
+            release_poll_s=0.005,
         )
         manager.refresh(our_pids=set())  # sees the foreign process, as the core does
         return manager
@@ -213,7 +220,26 @@ class Allocation(RuleBasedStateMachine):
 
     @rule(replica_id=consumes(replicas))
     def crash(self, replica_id: str) -> None:
-        result = asyncio.run(self.manager.release(replica_id, ()))
+        # The replica was killed; the driver still lists its PID on its GPUs for a moment.
+        # Its GPUs stay held until NVML lets go, then everything is given back.
+        pid = self.exited_pid
+        index = {g.uuid: g.index for g in self.manager.inventory.gpus}
+        gpus = self.model[replica_id].gpus
+        for uuid in gpus:
+            self.backend.add_process(index[uuid], pid, GIB)
+
+        async def release_after_kill() -> ReleaseResult:
+            release = asyncio.create_task(self.manager.release(replica_id, {pid}))
+            if gpus:
+                await asyncio.sleep(0.01)
+                # Not before NVML lets go (whatever the timing: it still lists the PID).
+                assert not release.done()
+                assert self.manager.reservation(replica_id) == self.model[replica_id]
+            self.backend.remove_pid(pid)
+            return await release
+
+        event("crash: NVML listed the PID" if gpus else "crash: no GPU")
+        result = asyncio.run(release_after_kill())
         assert (result.processes_gone, result.leaked_gpus) == (True, ())
         del self.model[replica_id]
 
