@@ -10,6 +10,7 @@ no interpreter start-up cost; this module is the fallback where setpriv is missi
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -18,16 +19,22 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
+def _tool(name: str) -> str | None:
+    # Looked up once per process, not on every spawn.
+    return shutil.which(name)
+
+
 def launcher_prefix(cpus: tuple[int, ...] = ()) -> list[str]:
     """The argv prefix that runs a command with parent-death signal (and CPU pinning)."""
     prefix: list[str]
-    setpriv = shutil.which("setpriv")
+    setpriv = _tool("setpriv")
     if setpriv:
         prefix = [setpriv, "--pdeathsig", "KILL", "--"]
     else:
         prefix = [sys.executable, "-m", "connector.launcher", "--"]
     if cpus:
-        taskset = shutil.which("taskset")
+        taskset = _tool("taskset")
         if taskset:
             prefix += [taskset, "-c", ",".join(str(c) for c in cpus)]
     return prefix

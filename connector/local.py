@@ -23,6 +23,7 @@ from typing import Any
 
 from connector import procs
 from connector.errors import (
+    ComponentNotFound,
     ConnectorClosed,
     ConnectorError,
     CrashLoop,
@@ -515,8 +516,6 @@ class LocalConnector(PlannerConnectorMixin):
             wanted = str(replica).rsplit("/", 1)[-1]
             recs = [r for r in recs if str(r.ordinal) == wanted]
             if not recs:
-                from connector.errors import ComponentNotFound
-
                 raise ComponentNotFound(f"{name} has no replica {replica}", component=name)
         return await rec.read_logs(recs, lines, stream)
 

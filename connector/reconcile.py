@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,13 @@ from connector.errors import (
 from connector.events import EventLog
 from connector.graph import Graph, PortSpec, ResourceRequest, RestartMode, Service, SocketSpec
 from connector.launcher import launcher_prefix
-from connector.logs import LogPolicy, circus_stream_options, log_paths, read_replica_lines
+from connector.logs import (
+    LogPolicy,
+    circus_stream_options,
+    log_paths,
+    merge_newest,
+    read_replica_lines,
+)
 from connector.operations import ScaleOp, standalone_step
 from connector.probes import DiscoveryProbe, ProbeTarget, expand_templates, wait_ready
 from connector.state import ComponentRecord, ConnectorState, ExitRecord, ReplicaRecord, StateStore
@@ -73,6 +80,9 @@ class ResourceBroker(Protocol):
     async def release(self, replica_id: str, pids: Any) -> Any: ...
 
     def machine_view(self) -> dict[str, Any]: ...
+
+    @property
+    def samples_gpus(self) -> bool: ...
 
     def refresh(self, our_pids: Collection[int]) -> None: ...
 
@@ -209,11 +219,13 @@ class Reconciler:
         if self._circusd_alive is not None and not self._circusd_alive():
             await self._supervisor_lost()
             return
-        leaders = [r.pid for r in self.state.replicas.values() if r.pid is not None]
-        # Who else uses each GPU (NVML), so busy GPUs are not handed out.
-        await asyncio.to_thread(
-            lambda: self.resources.refresh({p for pid in leaders for p in procs.tree_pids(pid)})
-        )
+        if self.resources.samples_gpus:
+            # Who else uses each GPU (NVML), so busy GPUs are not handed out. Walking every
+            # replica's process tree is only worth it when there are GPUs to sample.
+            leaders = [r.pid for r in self.state.replicas.values() if r.pid is not None]
+            await asyncio.to_thread(
+                lambda: self.resources.refresh({p for pid in leaders for p in procs.tree_pids(pid)})
+            )
         watched = [
             (r.watcher, r.pid, r.create_time)
             for r in self.state.replicas.values()
@@ -453,15 +465,7 @@ class Reconciler:
             self._on_pid_exit(rec.watcher, pid)
         await self.save()
         await self._notify()
-        reservation = self._reservation(rec)
-        target = ProbeTarget(
-            replica_id=rec.replica_id,
-            pid=pid,
-            spawned_at=rec.spawned_at,
-            ports=dict(reservation.ports) if reservation else {},
-            sockets=dict(reservation.sockets) if reservation else {},
-            alive=lambda: rec.pid == pid and procs.same_process(pid, rec.create_time),
-        )
+        target = self._probe_target(rec, pid)
         with step("wait-ready", **{"dynamo_local.replica": rec.replica_id}) as span:
             ready, reason = await wait_ready(
                 target, svc.readiness, discovery_probe=self.hooks.discovery_probe
@@ -789,20 +793,24 @@ class Reconciler:
         await self.save()
         return report
 
+    def _probe_target(self, rec: ReplicaRecord, pid: int) -> ProbeTarget:
+        """What a readiness probe needs of the replica's current process ``pid``."""
+        reservation = self._reservation(rec)
+        return ProbeTarget(
+            replica_id=rec.replica_id,
+            pid=pid,
+            spawned_at=rec.spawned_at or time.time(),
+            ports=dict(reservation.ports) if reservation else {},
+            sockets=dict(reservation.sockets) if reservation else {},
+            alive=lambda: rec.pid == pid and procs.same_process(pid, rec.create_time),
+        )
+
     async def _resume_probe(self, rec: ReplicaRecord) -> None:
         svc = self.graph.services[rec.component]
         pid = rec.pid
         if pid is None:
             return
-        reservation = self._reservation(rec)
-        target = ProbeTarget(
-            rec.replica_id,
-            pid,
-            rec.spawned_at or time.time(),
-            dict(reservation.ports) if reservation else {},
-            dict(reservation.sockets) if reservation else {},
-            alive=lambda: procs.same_process(pid, rec.create_time),
-        )
+        target = self._probe_target(rec, pid)
         ready, _ = await wait_ready(
             target, svc.readiness, discovery_probe=self.hooks.discovery_probe
         )
@@ -901,8 +909,6 @@ class Reconciler:
                         out.append((label, read_replica_lines(self.log_dir, Path(path), lines)))
             return out
 
-        from connector.logs import merge_newest
-
         return merge_newest(await asyncio.to_thread(read), lines)
 
     def require(self, name: str) -> Service:
@@ -924,10 +930,8 @@ def _describe_exit(code: int | None) -> str:
     if code is None:
         return "exited (code unknown)"
     if code < 0:
-        import signal as _signal
-
         try:
-            return f"killed by {_signal.Signals(-code).name}"
+            return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"

@@ -699,6 +699,11 @@ class ResourceManager:
 
     # --------------------------------------------------------------- sampling
 
+    @property
+    def samples_gpus(self) -> bool:
+        """Whether :meth:`refresh` reads anything (there is a GPU backend)."""
+        return self.gpu_backend is not None
+
     def refresh(self, our_pids: Collection[int]) -> None:
         """Re-read NVML: how much GPU memory processes outside ``our_pids`` (every replica's
         process tree) use on each GPU, for the foreign-use check and the machine view.
