@@ -268,6 +268,18 @@ def _started(server: ServerProcess) -> None:
         pytest.fail(str(exc), pytrace=False)
 
 
+ServerT = TypeVar("ServerT", bound=ServerProcess)
+
+
+def _serving(server: ServerT) -> Iterator[ServerT]:
+    """Fixture body: start ``server``, hand it to the test, stop it afterwards."""
+    _started(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- etcd
 
 
@@ -530,22 +542,12 @@ class CircusdServer(ServerProcess):
 
 @pytest.fixture
 def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path / "etcd")
-    _started(server)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(EtcdServer(tmp_path / "etcd"))
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats")
-    _started(server)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(NatsServer(tmp_path / "nats"))
 
 
 PrometheusFactory = Callable[..., PrometheusServer]
@@ -580,12 +582,7 @@ def prometheus_server(tmp_path: Path) -> Iterator[PrometheusFactory]:
 
 @pytest.fixture
 def circusd_server(tmp_path: Path) -> Iterator[CircusdServer]:
-    server = CircusdServer(tmp_path / "circusd")
-    _started(server)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(CircusdServer(tmp_path / "circusd"))
 
 
 __all__ = [
