@@ -58,6 +58,9 @@ class GpuSample:
     throttle_reasons: int | None
     ecc_uncorrected_volatile: int | None
     processes: tuple[GpuProcess, ...] = ()
+    # False when the driver failed to list the compute processes: an empty ``processes``
+    # then means "unknown", not "nobody", and a release must not read it as the GPU free.
+    processes_known: bool = True
 
 
 class GpuBackend(Protocol):
@@ -131,6 +134,8 @@ class FakeGpuBackend:
         self._pid_map = pid_map
         self._lock = threading.Lock()
         self._procs: dict[int, list[GpuProcess]] = {}
+        self._unlisted: set[int] = set()  # GPUs whose process listing fails
+        self._sample_error: Exception | None = None
         for i, dev in enumerate(self._raw):
             if keep_captured_processes:
                 util = {p["pid"]: p.get("smUtil") for p in dev.get("process_utilization") or []}
@@ -168,6 +173,17 @@ class FakeGpuBackend:
             for i, procs in self._procs.items():
                 self._procs[i] = [p for p in procs if p.pid != pid]
 
+    def fail_process_listing(self, index: int, failing: bool = True) -> None:
+        """Make GPU ``index``'s process listing fail (as ``GPU_IS_LOST`` does), or work
+        again: its samples then say ``processes_known=False``."""
+        with self._lock:
+            (self._unlisted.add if failing else self._unlisted.discard)(index)
+
+    def fail_sampling(self, error: Exception | None) -> None:
+        """Make every :meth:`sample` raise ``error`` (NVML gone), or work again (None)."""
+        with self._lock:
+            self._sample_error = error
+
     # backend --------------------------------------------------------------
     def devices(self) -> list[GpuDevice]:
         """The captured devices (and their synthesized copies and topology)."""
@@ -197,10 +213,14 @@ class FakeGpuBackend:
         mapping = self._pid_map() if callable(self._pid_map) else (self._pid_map or {})
         out = []
         with self._lock:
+            if self._sample_error is not None:
+                raise self._sample_error
             procs = {i: list(p) for i, p in self._procs.items()}
+            unlisted = set(self._unlisted)
         for i, d in enumerate(self._raw):
-            gprocs = tuple(replace(p, pid=mapping.get(p.pid, p.pid)) for p in procs[i])
-            used_by_procs = sum(p.used_memory_bytes or 0 for p in gprocs)
+            listed = () if i in unlisted else procs[i]
+            gprocs = tuple(replace(p, pid=mapping.get(p.pid, p.pid)) for p in listed)
+            used_by_procs = sum(p.used_memory_bytes or 0 for p in procs[i])
             captured_procs = sum(p.get("usedGpuMemory") or 0 for p in d.get("compute_procs") or [])
             base_used = int(d["memory"]["used"]) - captured_procs
             util = d.get("utilization") or {}
@@ -220,6 +240,7 @@ class FakeGpuBackend:
                     throttle_reasons=d.get("throttle"),
                     ecc_uncorrected_volatile=ecc,
                     processes=gprocs,
+                    processes_known=i not in unlisted,
                 )
             )
         return out
@@ -365,7 +386,7 @@ class NvmlBackend:
         for i, h in enumerate(self._handles):
             mem = self._get(n.nvmlDeviceGetMemoryInfo, h)
             util = self._get(n.nvmlDeviceGetUtilizationRates, h)
-            procs = self._get(n.nvmlDeviceGetComputeRunningProcesses, h) or []
+            procs = self._get(n.nvmlDeviceGetComputeRunningProcesses, h)
             sm: dict[int, float] = {}
             samples = self._get(n.nvmlDeviceGetProcessUtilization, h, self._last_seen.get(i, 0))
             for s in samples or []:
@@ -392,8 +413,9 @@ class NvmlBackend:
                     ),
                     processes=tuple(
                         GpuProcess(int(p.pid), _mem(p.usedGpuMemory), sm.get(int(p.pid)))
-                        for p in procs
+                        for p in procs or ()
                     ),
+                    processes_known=procs is not None,
                 )
             )
         return out

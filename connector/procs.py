@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 import psutil
 
@@ -105,23 +105,27 @@ def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
     return [p.pid for p in killed]
 
 
-def wait_gone(pids: set[int], timeout_s: float) -> bool:
-    """Block until none of ``pids`` runs (zombies count as gone)."""
+def identify(pids: Collection[int]) -> dict[int, float]:
+    """The running ones of ``pids`` with their start times, so that a later check can tell
+    them from unrelated processes that got a recycled PID."""
+    found = {pid: create_time_of(pid) for pid in pids}
+    return {pid: created for pid, created in found.items() if created is not None}
+
+
+def running(identities: Mapping[int, float]) -> set[int]:
+    """Those of :func:`identify`'s processes still running (zombies and recycled PIDs count
+    as gone)."""
+    return {pid for pid, created in identities.items() if same_process(pid, created)}
+
+
+def wait_gone(identities: Mapping[int, float], timeout_s: float) -> bool:
+    """Block until none of :func:`identify`'s processes runs, at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in pids if psutil.pid_exists(p) and not _zombie(p)]
-        if not alive:
-            return True
+    while running(identities):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
+    return True
 
 
 class ExitWatcher:

@@ -2,8 +2,9 @@
 
 Every replica gets its resources here before its process starts and gives them back only
 when they are really free: its processes are gone (psutil) and NVML lists none of its PIDs.
-A GPU that stays busy past the release timeout is marked ``leaked`` and is not handed out
-again until NVML shows it free.
+Processes that outlive the release timeout keep everything held (``lingering``) until they
+exit. A GPU that stays busy past the release timeout, or whose processes NVML cannot list,
+is marked ``leaked`` and is not handed out again until NVML shows it free.
 
 ``reserve`` is synchronous with no await inside, so on the event loop it is atomic; a lock
 also makes it safe from threads. Nothing is ever over-allocated: a whole GPU has one holder,
@@ -28,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -204,6 +205,24 @@ class ReleaseResult:
     leaked_gpus: tuple[str, ...] = ()
 
 
+LISTED = "listed"  # why a GPU is not free: NVML lists the replica's processes on it
+
+
+class _Leak(NamedTuple):
+    """A GPU not shown free after a release: whose processes, and why (``LISTED`` or what
+    kept NVML from saying)."""
+
+    replica_id: str
+    why: str
+
+
+class _Lingering(NamedTuple):
+    """A stopped replica's reservation, held while its processes outlive the release."""
+
+    reservation: Reservation
+    identities: Mapping[int, float]  # pid -> start time (procs.identify)
+
+
 def _short(uuid: str) -> str:
     return uuid[:12] + "…" if len(uuid) > 13 else uuid
 
@@ -241,6 +260,7 @@ class ResourceManager:
         gpu_backend: GpuBackend | None = None,
         on_event: Callable[..., Any] | None = None,
         release_poll_s: float = 0.1,
+        leak_poll_s: float = 1.0,
     ) -> None:
         self.inventory = inventory
         self.working_dir = working_dir
@@ -248,11 +268,16 @@ class ResourceManager:
         self.foreign_threshold = foreign_memory_threshold_bytes
         self.release_timeout_s = release_timeout_s
         self.release_poll_s = release_poll_s
+        self.leak_poll_s = leak_poll_s
         self.gpu_backend = gpu_backend
         self.on_event = on_event
         self._lock = threading.RLock()
         self._held: dict[str, Reservation] = {}
-        self._leaked: dict[str, str] = {}  # uuid -> the replica whose processes hold it
+        self._leaked: dict[str, _Leak] = {}  # uuid -> whose processes hold it, and why
+        # Reservations of stopped replicas whose processes outlived the release timeout,
+        # by id() of the reservation (a new replica may reuse the replica id meanwhile).
+        self._lingering: dict[int, _Lingering] = {}
+        self._lists_processes: set[str] = set()  # GPUs NVML has listed processes for
         self._foreign_busy: dict[str, int] = {}  # uuid -> bytes used by processes not ours
         self._last_sample: list[GpuSample] = []
         self._next_port = port_range[0]
@@ -285,17 +310,28 @@ class ResourceManager:
         with self._lock:
             return list(self._held.values())
 
+    def _holds(self) -> list[tuple[str, Reservation]]:
+        """Every reservation holding resources, with the holder's name: the replicas'
+        (by replica id), then the lingering ones of stopped replicas (callers hold the
+        lock)."""
+        out = [(r.replica_id, r) for r in self._held.values()]
+        out += [
+            (f"{g.reservation.replica_id} (stopped; processes still running)", g.reservation)
+            for g in self._lingering.values()
+        ]
+        return out
+
     def _whole_holder(self, uuid: str) -> str | None:
-        for r in self._held.values():
+        for who, r in self._holds():
             if uuid in r.gpus and not r.gpu_fraction:
-                return r.replica_id
+                return who
         return None
 
     def _fraction_used(self, uuid: str) -> float:
-        return sum(r.gpu_fraction for r in self._held.values() if r.gpu_fraction and uuid in r.gpus)
+        return sum(r.gpu_fraction for _, r in self._holds() if r.gpu_fraction and uuid in r.gpus)
 
     def _holders(self, uuid: str) -> list[str]:
-        return [r.replica_id for r in self._held.values() if uuid in r.gpus]
+        return [who for who, r in self._holds() if uuid in r.gpus]
 
     # ------------------------------------------------------------ reservation
 
@@ -420,7 +456,10 @@ class ResourceManager:
 
     def _blocked_phrase(self, uuid: str, blocked: str) -> str:
         if blocked == "leaked":
-            return f"leaked by {self._leaked[uuid]} (NVML still lists its processes)"
+            leak = self._leaked[uuid]
+            if leak.why == LISTED:
+                return f"leaked by {leak.replica_id} (NVML still lists its processes)"
+            return f"leaked by {leak.replica_id} (not shown free of its processes: {leak.why})"
         if blocked == "foreign processes":
             used = format_memory(self._foreign_busy.get(uuid, 0))
             return f"busy with foreign processes ({used} of GPU memory)"
@@ -430,7 +469,7 @@ class ResourceManager:
         self, label: str, request: ResourceRequest, gpus: Sequence[str] = ()
     ) -> tuple[int, ...]:
         total = float(len(self.inventory.cpus))
-        used = sum(r.cpu_cores for r in self._held.values())
+        used = sum(r.cpu_cores for _, r in self._holds())
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
                 f"{label} needs {_plural(request.cpu, 'CPU core')}, "
@@ -441,7 +480,7 @@ class ResourceManager:
             )
         if not request.pin_cpus or not request.cpu:
             return ()
-        pinned = {c for r in self._held.values() for c in r.cpus}
+        pinned = {c for _, r in self._holds() for c in r.cpus}
         free = [c for c in self.inventory.cpus if c not in pinned]
         want = math.ceil(request.cpu)
         if len(free) < want:
@@ -469,7 +508,7 @@ class ResourceManager:
     def _check_memory(self, label: str, amount: int) -> None:
         if not amount:
             return
-        used = sum(r.memory_bytes for r in self._held.values())
+        used = sum(r.memory_bytes for _, r in self._holds())
         free = self.inventory.memory_bytes - used
         if amount > free:
             raise self._exhausted(
@@ -483,7 +522,7 @@ class ResourceManager:
     def _pick_ports(self, label: str, specs: Sequence[PortSpec]) -> dict[str, int]:
         if not specs:
             return {}
-        taken = {p for r in self._held.values() for p in r.ports.values()}
+        taken = {p for _, r in self._holds() for p in r.ports.values()}
         lo, hi = self.port_range
         span = hi - lo + 1
         out: dict[str, int] = {}
@@ -512,7 +551,7 @@ class ResourceManager:
         self, component: str, replica_id: str, specs: Sequence[SocketSpec]
     ) -> dict[str, str]:
         base = self.working_dir / "sock"
-        held = {p for r in self._held.values() for p in r.sockets.values()}
+        held = {p for _, r in self._holds() for p in r.sockets.values()}
         out: dict[str, str] = {}
         for spec in specs:
             name = f"{component.lower()}-{_ordinal(replica_id)}-{spec.name}"
@@ -587,9 +626,9 @@ class ResourceManager:
                 out.append(f"{_short(uuid)} is held whole by {whole}")
             elif fraction and (not r.gpu_fraction or fraction + r.gpu_fraction > 1 + EPS):
                 out.append(f"{_short(uuid)} is {fraction:g} taken by fractions")
-        ports = {p: o.replica_id for o in self._held.values() for p in o.ports.values()}
+        ports = {p: who for who, o in self._holds() for p in o.ports.values()}
         out += [f"port {p} is held by {ports[p]}" for p in r.ports.values() if p in ports]
-        cpus = {c: o.replica_id for o in self._held.values() for c in o.cpus}
+        cpus = {c: who for who, o in self._holds() for c in o.cpus}
         out += [f"CPU {c} is pinned by {cpus[c]}" for c in r.cpus if c in cpus]
         return out
 
@@ -603,11 +642,13 @@ class ResourceManager:
         """Give back a replica's resources once ``pids`` (its process tree) are gone (psutil)
         and, for GPUs, NVML lists none of them, both within ``release_timeout_s``.
 
-        Until then the reservation stays held. A GPU still listing them after the timeout
-        is marked ``leaked`` (reported by a ``leak`` event), stays unallocatable, and
-        becomes free again, with another event, once NVML lets go. Empty ``pids`` (the
-        processes are known to be gone) release at once. Concurrent calls for one replica
-        share one wait. An unknown replica is a no-op.
+        Until then the reservation stays held. Processes still running after the timeout
+        (stuck in the driver, say) keep all of it held as *lingering*, reported by a
+        ``leak`` event, until they exit. A GPU still listing them after the timeout, or one
+        whose processes NVML cannot list, is marked ``leaked``, stays unallocatable, and
+        becomes free again, with another event, once NVML shows it free. Empty ``pids``
+        (the processes are known to be gone) release at once. Concurrent calls for one
+        replica share one wait. An unknown replica is a no-op.
         """
         running = self._releases.get(replica_id)
         if running is not None:
@@ -629,21 +670,36 @@ class ResourceManager:
     async def _release(self, reservation: Reservation, pid_set: set[int]) -> ReleaseResult:
         replica_id = reservation.replica_id
         deadline = time.monotonic() + self.release_timeout_s
-        gone = await asyncio.to_thread(procs.wait_gone, pid_set, self.release_timeout_s)
-        leaked: tuple[str, ...] = ()
+        identities = await asyncio.to_thread(procs.identify, pid_set)
+        gone = await asyncio.to_thread(procs.wait_gone, identities, self.release_timeout_s)
+        if not gone:
+            await self._linger(reservation, pid_set, identities)
+            return ReleaseResult(replica_id, False)
+        leaked = await self._free_gpus(reservation, pid_set, deadline)
+        return ReleaseResult(replica_id, True, leaked)
+
+    async def _free_gpus(
+        self, reservation: Reservation, pid_set: set[int], deadline: float
+    ) -> tuple[str, ...]:
+        """The processes are gone: drop the reservation (wherever it is held), once NVML
+        shows its GPUs free of them or ``deadline`` passes; the GPUs still busy then are
+        marked leaked and watched. Returns those."""
+        busy: dict[str, str] = {}
         if reservation.gpus and self.gpu_backend is not None and pid_set:
-            leaked = await self._wait_gpus_free(reservation.gpus, pid_set, deadline)
+            busy = await self._wait_gpus_free(reservation.gpus, pid_set, deadline)
         with self._lock:
-            self._held.pop(replica_id, None)
-            self._leaked.update(dict.fromkeys(leaked, replica_id))
-        for uuid in leaked:
+            if self._held.get(reservation.replica_id) is reservation:
+                del self._held[reservation.replica_id]
+            self._lingering.pop(id(reservation), None)
+            self._leaked.update({u: _Leak(reservation.replica_id, why) for u, why in busy.items()})
+        for uuid, why in busy.items():
             # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS).
             self._emit(
                 "leak",
                 component=reservation.component,
-                replica=replica_id,
+                replica=reservation.replica_id,
                 outcome="failed",
-                reason=f"{_short(uuid)} still lists {replica_id}'s processes "
+                reason=f"{_short(uuid)} {self._leak_phrase(uuid, why, reservation.replica_id)} "
                 f"{self.release_timeout_s:g} s after release",
                 details={"gpu": uuid},
             )
@@ -651,44 +707,109 @@ class ResourceManager:
         for path in reservation.sockets.values():
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, path)
-        return ReleaseResult(replica_id, gone, leaked)
+        return tuple(busy)
+
+    async def _linger(
+        self, reservation: Reservation, pid_set: set[int], identities: Mapping[int, float]
+    ) -> None:
+        """Processes outlived the release timeout: they may still use the ports, cores and
+        GPUs, so everything stays held (as lingering) until they exit, then the GPUs get
+        the usual NVML check."""
+        replica_id = reservation.replica_id
+        with self._lock:
+            if self._held.get(replica_id) is reservation:
+                del self._held[replica_id]
+            self._lingering[id(reservation)] = _Lingering(reservation, identities)
+        alive = sorted(await asyncio.to_thread(procs.running, identities))
+        self._emit(
+            "leak",
+            component=reservation.component,
+            replica=replica_id,
+            outcome="failed",
+            reason=f"{replica_id}'s processes {', '.join(map(str, alive))} still run "
+            f"{self.release_timeout_s:g} s after release; its resources stay held until "
+            "they exit",
+            details={"pids": alive},
+        )
+
+        async def watch() -> None:
+            while True:  # psutil has no exit notification for processes not our children
+                if not await asyncio.to_thread(procs.running, identities):
+                    break
+                await asyncio.sleep(self.leak_poll_s)
+            self._emit(
+                "leak",
+                component=reservation.component,
+                replica=replica_id,
+                outcome="ok",
+                reason=f"{replica_id}'s processes exited; its resources are released",
+                details={"pids": alive},
+            )
+            await self._free_gpus(reservation, pid_set, time.monotonic() + self.release_timeout_s)
+
+        self._track(watch())
 
     async def _wait_gpus_free(
         self, uuids: Sequence[str], pids: set[int], deadline: float
-    ) -> tuple[str, ...]:
-        """The GPUs of ``uuids`` still listing any of ``pids`` at ``deadline`` (NVML is read
-        at least once)."""
+    ) -> dict[str, str]:
+        """The GPUs of ``uuids`` not shown free of ``pids`` at ``deadline``, with why (NVML
+        is read at least once)."""
         while True:
-            busy = await asyncio.to_thread(self._gpus_listing, uuids, pids)
+            busy = await asyncio.to_thread(self._gpus_not_free, uuids, pids)
             if not busy or time.monotonic() >= deadline:
-                return tuple(busy)
+                return busy
             await asyncio.sleep(self.release_poll_s)
 
-    def _gpus_listing(self, uuids: Sequence[str], pids: set[int]) -> list[str]:
+    def _gpus_not_free(self, uuids: Sequence[str], pids: set[int]) -> dict[str, str]:
+        """Of ``uuids``, those NVML does not show free of ``pids``, each with why:
+        ``listed`` (NVML lists one of them) or what kept NVML from saying."""
         assert self.gpu_backend is not None
-        samples = self.gpu_backend.sample()
-        return [
-            s.uuid for s in samples if s.uuid in uuids and any(p.pid in pids for p in s.processes)
-        ]
+        try:
+            samples = self.gpu_backend.sample()
+        except Exception as exc:  # any backend failure is "unknown", never "free"
+            return dict.fromkeys(uuids, f"NVML failed: {exc}")
+        busy: dict[str, str] = {}
+        with self._lock:
+            for s in samples:
+                if s.uuid not in uuids:
+                    continue
+                if s.processes_known:
+                    self._lists_processes.add(s.uuid)
+                    if any(p.pid in pids for p in s.processes):
+                        busy[s.uuid] = LISTED
+                # A GPU NVML has never listed processes for (some drivers in VMs) is judged
+                # by psutil alone; one that did list them before is not trusted empty now.
+                elif s.uuid in self._lists_processes:
+                    busy[s.uuid] = "NVML could not list its processes"
+        return busy
+
+    def _leak_phrase(self, uuid: str, why: str, replica_id: str) -> str:
+        if why == LISTED:
+            return f"still lists {replica_id}'s processes"
+        return f"is not shown free of {replica_id}'s processes ({why})"
 
     def _watch_leak(self, uuid: str, pids: set[int], reservation: Reservation) -> None:
         async def watch() -> None:
             while True:
-                await asyncio.sleep(1.0)
-                if not await asyncio.to_thread(self._gpus_listing, [uuid], pids):
-                    with self._lock:
-                        self._leaked.pop(uuid, None)
-                    self._emit(
-                        "leak",
-                        component=reservation.component,
-                        replica=reservation.replica_id,
-                        outcome="ok",
-                        reason=f"{_short(uuid)} is free again",
-                        details={"gpu": uuid},
-                    )
-                    return
+                await asyncio.sleep(self.leak_poll_s)
+                if not await asyncio.to_thread(self._gpus_not_free, [uuid], pids):
+                    break
+            with self._lock:
+                self._leaked.pop(uuid, None)
+            self._emit(
+                "leak",
+                component=reservation.component,
+                replica=reservation.replica_id,
+                outcome="ok",
+                reason=f"{_short(uuid)} is free again",
+                details={"gpu": uuid},
+            )
 
-        task = asyncio.get_running_loop().create_task(watch())
+        self._track(watch())
+
+    def _track(self, watcher: Coroutine[Any, Any, None]) -> None:
+        """Run a leak watcher until it is done or :meth:`close` cancels it."""
+        task = asyncio.get_running_loop().create_task(watcher)
         self._leak_tasks.add(task)
         task.add_done_callback(self._leak_tasks.discard)
 
@@ -711,7 +832,8 @@ class ResourceManager:
         if self.gpu_backend is None:
             return
         samples = self.gpu_backend.sample()
-        ours = set(our_pids)
+        with self._lock:  # lingering processes are a stopped replica's: ours, not foreign
+            ours = set(our_pids).union(*(g.identities for g in self._lingering.values()))
         foreign = {
             s.uuid: sum(p.used_memory_bytes or 0 for p in s.processes if p.pid not in ours)
             for s in samples
@@ -719,6 +841,7 @@ class ResourceManager:
         with self._lock:
             self._last_sample = samples
             self._foreign_busy = foreign
+            self._lists_processes.update(s.uuid for s in samples if s.processes_known)
 
     async def close(self) -> None:
         """Stop the leak watchers and releases still waiting (their reservations stay
@@ -733,8 +856,9 @@ class ResourceManager:
     def machine_view(self) -> dict[str, Any]:
         """The whole machine for the API, the status page and the exporter: per GPU its
         state (``free``, ``allocated``, ``leaked``), owners, fraction used, memory (used as of
-        the last :meth:`refresh`), foreign use and MIG mode; CPU and memory budgets; ports
-        and sockets per replica. JSON-safe."""
+        the last :meth:`refresh`), foreign use and MIG mode; CPU and memory budgets (lingering
+        reservations included); ports and sockets per replica; the lingering reservations
+        of stopped replicas whose processes still run. JSON-safe."""
         with self._lock:
             samples = {s.uuid: s for s in self._last_sample}
             gpus = []
@@ -761,8 +885,9 @@ class ResourceManager:
                 if sample is not None and sample.memory_used_bytes is not None:
                     entry["memory_used_bytes"] = sample.memory_used_bytes
                 gpus.append(entry)
-            reserved_cores = sum(r.cpu_cores for r in self._held.values())
-            reserved_memory = sum(r.memory_bytes for r in self._held.values())
+            holds = [r for _, r in self._holds()]
+            reserved_cores = sum(r.cpu_cores for r in holds)
+            reserved_memory = sum(r.memory_bytes for r in holds)
             return {
                 "gpus": gpus,
                 # A GPU busy with foreign processes (or in MIG mode) is not allocated, but not
@@ -776,7 +901,7 @@ class ResourceManager:
                 "cpu": {
                     "allocatable_cores": float(len(self.inventory.cpus)),
                     "reserved_cores": reserved_cores,
-                    "pinned": sorted(c for r in self._held.values() for c in r.cpus),
+                    "pinned": sorted(c for r in holds for c in r.cpus),
                 },
                 "memory": {
                     "allocatable_bytes": self.inventory.memory_bytes,
@@ -787,6 +912,15 @@ class ResourceManager:
                     r.replica_id: dict(r.sockets) for r in self._held.values() if r.sockets
                 },
                 "port_range": list(self.port_range),
+                # Stopped replicas whose processes outlived the release: still holding.
+                "lingering": [
+                    {
+                        "replica": g.reservation.replica_id,
+                        "pids": sorted(g.identities),
+                        "reservation": g.reservation.to_dict(),
+                    }
+                    for g in self._lingering.values()
+                ],
             }
 
 

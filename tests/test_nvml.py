@@ -281,6 +281,32 @@ def test_real_backend_not_supported_fields_are_none(nvml: ScriptedNvml) -> None:
     )
 
 
+def test_real_backend_a_failed_process_listing_is_unknown_not_empty(nvml: ScriptedNvml) -> None:
+    nvml.devices[0]["compute_procs"] = None  # the driver fails the call (GPU_IS_LOST, say)
+    (sample,) = NvmlBackend().sample()
+    assert (sample.processes, sample.processes_known) == ((), False)
+    nvml.devices[0]["compute_procs"] = []
+    (sample,) = NvmlBackend().sample()
+    assert (sample.processes, sample.processes_known) == ((), True)
+
+
+def test_fake_process_listing_and_sampling_can_fail() -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    backend.add_process(0, 4242, 1 << 30)
+    backend.fail_process_listing(0)
+    (sample,) = backend.sample()
+    # Unknown processes still use their memory; only the listing is missing.
+    assert (sample.processes, sample.processes_known) == ((), False)
+    assert sample.memory_used_bytes == H100_BASE_USED + (1 << 30)
+    backend.fail_process_listing(0, failing=False)
+    assert backend.sample()[0].processes == (GpuProcess(4242, 1 << 30, 0.0),)
+    backend.fail_sampling(RuntimeError("NVML Shared Library Not Found"))
+    with pytest.raises(RuntimeError, match="Library Not Found"):
+        backend.sample()
+    backend.fail_sampling(None)
+    assert backend.sample()[0].processes_known is True
+
+
 def test_real_backend_maps_nvlink_remotes_to_peer_uuids(monkeypatch: pytest.MonkeyPatch) -> None:
     # 0 <-> 1 on link 0, 1 <-> 2 on link 2; 2 answers with no active link; 3 NotSupported.
     scripted = ScriptedNvml(

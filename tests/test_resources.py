@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from connector import procs
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend, GpuDevice
@@ -954,19 +955,227 @@ async def test_a_gpu_still_listed_after_the_timeout_is_leaked_until_free(
         await m.close()
 
 
-async def test_a_process_that_outlives_the_timeout_leaks_its_gpu(tmp_path: Path) -> None:
-    backend = h100_backend(keep_captured_processes=False)
-    m = make_manager(tmp_path, backend, release_timeout_s=0.2)
-    m.reserve("Decode/1", "Decode", GPU1)
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_identities_tell_a_process_from_a_recycled_pid() -> None:
+    proc = sleeper()
     try:
-        backend.add_process(0, proc.pid, GIB)
-        result = await m.release("Decode/1", {proc.pid})
-        assert result == ReleaseResult("Decode/1", False, (H100_UUID,))
-        assert m.machine_view()["gpus"][0]["state"] == "leaked"
+        ids = procs.identify({proc.pid, dead_pid()})
+        assert list(ids) == [proc.pid]  # a PID already gone is not tracked
+        assert procs.running(ids) == {proc.pid}
+        # The same PID with another start time is another process: the tracked one is gone.
+        assert procs.running({proc.pid: ids[proc.pid] - 100}) == set()
+        assert procs.wait_gone(ids, 0.05) is False
     finally:
         proc.kill()
         proc.wait()
+    assert procs.running(ids) == set()
+    assert procs.wait_gone(ids, 0) is True
+
+
+async def test_processes_outliving_the_release_keep_everything_held_until_they_exit(
+    short_dir: Path,
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    port = free_run(1)
+    m = make_manager(
+        short_dir,
+        backend,
+        cpus=(0, 1),
+        memory=4 * GIB,
+        port_range=(port, port),
+        release_timeout_s=0.2,
+        leak_poll_s=0.05,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    request = ResourceRequest(gpu=1, cpu=2, memory_bytes=3 * GIB, pin_cpus=True)
+    held = m.reserve("Decode/1", "Decode", request, [PortSpec("http")], [SocketSpec("rpc")])
+    proc = sleeper()  # stands in for a replica stuck in the driver: it outlives SIGKILL
+    try:
+        backend.add_process(0, proc.pid, GIB)
+        assert await m.release("Decode/1", {proc.pid}) == ReleaseResult("Decode/1", False)
+        assert events == [
+            (
+                "leak",
+                {
+                    "component": "Decode",
+                    "replica": "Decode/1",
+                    "outcome": "failed",
+                    "reason": f"Decode/1's processes {proc.pid} still run 0.2 s after release; "
+                    "its resources stay held until they exit",
+                    "details": {"pids": [proc.pid]},
+                },
+            )
+        ]
+        assert m.reservation("Decode/1") is None  # the replica is gone ...
+        view = m.machine_view()  # ... but what its processes use is not free
+        stuck = "Decode/1 (stopped; processes still running)"
+        assert (view["gpus"][0]["state"], view["gpus"][0]["owners"]) == ("allocated", [stuck])
+        assert view["cpu"] == {"allocatable_cores": 2.0, "reserved_cores": 2.0, "pinned": [0, 1]}
+        assert view["memory"] == {"allocatable_bytes": 4 * GIB, "reserved_bytes": 3 * GIB}
+        assert (view["ports"], view["sockets"]) == ({}, {})
+        assert view["lingering"] == [
+            {"replica": "Decode/1", "pids": [proc.pid], "reservation": held.to_dict()}
+        ]
+        # The same replica id asked again gets nothing the stuck processes may still use.
+        assert exhausted(lambda: m.reserve("Decode/1", "Decode", GPU1)).message == (
+            f"Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by {stuck}"
+        )
+        for ask, kind in (
+            (ResourceRequest(cpu=1), "cpu"),
+            (ResourceRequest(memory_bytes=2 * GIB), "memory"),
+        ):
+            assert exhausted(lambda a=ask: m.reserve("Other/1", "Other", a)).details["kind"] == kind
+        ports = exhausted(lambda: m.reserve("Other/1", "Other", ResourceRequest(), [PortSpec("p")]))
+        assert ports.details == {"needed": 1, "free": 0, "kind": "ports"}
+        # Nothing from the refused asks stayed held.
+        assert m.reservations() == []
+        # Its processes are ours, not foreign, while they linger.
+        m.refresh(our_pids=())
+        assert m.machine_view()["gpus"][0]["foreign_memory_bytes"] == 0
+
+        proc.kill()
+        proc.wait()
+        backend.remove_pid(proc.pid)
+        await poll(lambda: m.machine_view()["lingering"] == [])
+        assert events[1] == (
+            "leak",
+            {
+                "component": "Decode",
+                "replica": "Decode/1",
+                "outcome": "ok",
+                "reason": "Decode/1's processes exited; its resources are released",
+                "details": {"pids": [proc.pid]},
+            },
+        )
+        view = m.machine_view()
+        assert (view["gpus"][0]["state"], view["cpu"]["reserved_cores"]) == ("free", 0.0)
+        assert not os.path.exists(held.sockets["rpc"])
+        again = m.reserve("Decode/1", "Decode", request, [PortSpec("http")], [SocketSpec("rpc")])
+        assert (again.gpus, again.cpus, again.ports) == ((H100_UUID,), (0, 1), {"http": port})
+    finally:
+        proc.kill()
+        proc.wait()
+        await m.close()
+
+
+async def test_a_lingering_process_that_exits_with_the_gpu_still_listed_leaks_it(
+    tmp_path: Path,
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        backend,
+        release_timeout_s=0.2,
+        leak_poll_s=0.05,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.reserve("Decode/1", "Decode", GPU1)
+    proc = sleeper()
+    try:
+        backend.add_process(0, proc.pid, GIB)
+        await m.release("Decode/1", {proc.pid})
+        proc.kill()
+        proc.wait()  # gone, but the driver keeps listing it
+        await poll(lambda: m.machine_view()["gpus"][0]["state"] == "leaked")
+        assert [(kind, f["outcome"], f["details"]) for kind, f in events] == [
+            ("leak", "failed", {"pids": [proc.pid]}),
+            ("leak", "ok", {"pids": [proc.pid]}),
+            ("leak", "failed", {"gpu": H100_UUID}),
+        ]
+        assert m.machine_view()["lingering"] == []
+        backend.remove_pid(proc.pid)
+        await poll(lambda: m.machine_view()["gpus"][0]["state"] == "free")
+    finally:
+        proc.kill()
+        proc.wait()
+        await m.close()
+
+
+async def test_a_gpu_whose_processes_nvml_cannot_list_is_not_taken_for_free(
+    tmp_path: Path,
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        backend,
+        release_timeout_s=0.2,
+        leak_poll_s=0.05,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.refresh(our_pids=())  # NVML has listed this GPU's processes before
+    m.reserve("Decode/1", "Decode", GPU1)
+    pid = dead_pid()
+    backend.add_process(0, pid, GIB)
+    backend.fail_process_listing(0)  # an empty answer now would hide the exited process
+    try:
+        assert await m.release("Decode/1", {pid}) == ReleaseResult("Decode/1", True, (H100_UUID,))
+        assert events[0][1]["reason"] == (
+            "GPU-3916acbf… is not shown free of Decode/1's processes "
+            "(NVML could not list its processes) 0.2 s after release"
+        )
+        assert exhausted(lambda: m.reserve("Decode/2", "Decode", GPU1)).message == (
+            "Decode replica 2 needs 1 GPU, 0 free; GPU-3916acbf… leaked by Decode/1 "
+            "(not shown free of its processes: NVML could not list its processes)"
+        )
+        backend.fail_process_listing(0, failing=False)  # listed again: still there
+        await asyncio.sleep(0.2)
+        assert m.machine_view()["gpus"][0]["state"] == "leaked"
+        backend.remove_pid(pid)
+        await poll(lambda: m.machine_view()["gpus"][0]["state"] == "free")
+        assert [f["outcome"] for _, f in events] == ["failed", "ok"]
+    finally:
+        await m.close()
+
+
+async def test_nvml_failing_outright_leaks_the_gpu_and_the_watcher_outlasts_it(
+    tmp_path: Path,
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    m = make_manager(
+        tmp_path,
+        backend,
+        release_timeout_s=0.2,
+        leak_poll_s=0.05,
+        on_event=lambda kind, **fields: events.append((kind, fields)),
+    )
+    m.reserve("Decode/1", "Decode", GPU1)
+    backend.fail_sampling(RuntimeError("GPU is lost"))
+    try:
+        assert await m.release("Decode/1", {dead_pid()}) == ReleaseResult(
+            "Decode/1", True, (H100_UUID,)
+        )
+        assert events[0][1]["reason"] == (
+            "GPU-3916acbf… is not shown free of Decode/1's processes "
+            "(NVML failed: GPU is lost) 0.2 s after release"
+        )
+        await asyncio.sleep(0.3)  # several polls that raise: the watcher goes on
+        (watcher,) = m._leak_tasks
+        assert not watcher.done()
+        backend.fail_sampling(None)
+        await poll(lambda: m.machine_view()["gpus"][0]["state"] == "free")
+        assert [f["outcome"] for _, f in events] == ["failed", "ok"]
+    finally:
+        await m.close()
+
+
+async def test_a_gpu_nvml_never_lists_processes_for_is_judged_by_psutil(tmp_path: Path) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    backend.fail_process_listing(0)  # a driver that never answers the listing
+    m = make_manager(tmp_path, backend, release_timeout_s=5)
+    m.refresh(our_pids=())
+    m.reserve("Decode/1", "Decode", GPU1)
+    try:
+        result = await asyncio.wait_for(m.release("Decode/1", {dead_pid()}), 2)
+        assert result == ReleaseResult("Decode/1", True)
+        assert m.machine_view()["gpus"][0]["state"] == "free"
+    finally:
         await m.close()
 
 
@@ -1068,6 +1277,7 @@ def test_machine_view_is_exact(short_dir: Path) -> None:
         "ports": {"Frontend/1": {"http": first}},
         "sockets": {"Frontend/1": {"rpc": front.sockets["rpc"]}},
         "port_range": [first, first + 1],
+        "lingering": [],
     }
     assert front.sockets["rpc"] == str(short_dir / "sock" / "frontend-1-rpc.sock")
 

@@ -173,6 +173,14 @@ function renderResources(data) {
         formatBytes(data.memory.allocatable_bytes),
     );
   }
+  const lingering = Array.isArray(data.lingering) ? data.lingering : [];
+  if (lingering.length) {
+    // Stopped replicas whose processes outlived the release still hold their resources.
+    parts.push(
+      "held by stopped replicas still running: " +
+        lingering.map((l) => l.replica + " (PIDs " + (l.pids || []).join(", ") + ")").join(", "),
+    );
+  }
   $("budgets").textContent = parts.length ? "reserved: " + parts.join(", ") : "";
 }
 
