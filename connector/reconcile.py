@@ -86,6 +86,10 @@ class ResourceBroker(Protocol):
 
     def refresh(self, our_pids: Collection[int]) -> None: ...
 
+    def held_after_stop(self) -> list[dict[str, Any]]: ...
+
+    def restore_held_after_stop(self, entries: Sequence[Mapping[str, Any]]) -> list[str]: ...
+
 
 ReplicaHook = Callable[[ReplicaRecord], Awaitable[None]]
 
@@ -740,6 +744,8 @@ class Reconciler:
     async def adopt(self) -> dict[str, list[str]]:
         """Match persisted records with circusd's watchers after a connector restart."""
         report: dict[str, list[str]] = {"adopted": [], "stray": [], "lost": []}
+        for problem in self.resources.restore_held_after_stop(self.state.held_after_stop):
+            self.events.emit("adopt", outcome="failed", reason=f"held_after_stop {problem}")
         reply = await self.channel.call("list")
         ours = [w for w in reply.get("watchers", []) if w.startswith(self.watcher_prefix)]
         for watcher in ours:
@@ -842,6 +848,9 @@ class Reconciler:
         self.ops[name] = op
         self._op_done[id(op)] = asyncio.Event()
         comp.target = target
+        # A new request retries even a target refused before: resources may be free now
+        # (a leak cleared, a foreign process gone). Only resync passes stay blocked.
+        self._blocked.pop(name, None)
         return op
 
     def converged(self, name: str) -> bool:
@@ -892,6 +901,9 @@ class Reconciler:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
 
     async def save(self) -> None:
+        # What stopped replicas still hold (lingering processes, leaked GPUs) goes with
+        # every save, so a restarted connector does not hand it out.
+        self.state.held_after_stop = self.resources.held_after_stop()
         await self.store.save(self.state)
 
     # ---------------------------------------------------------------- reading

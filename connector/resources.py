@@ -212,15 +212,18 @@ class _Leak(NamedTuple):
     """A GPU not shown free after a release: whose processes, and why (``LISTED`` or what
     kept NVML from saying)."""
 
+    component: str
     replica_id: str
     why: str
+    pids: frozenset[int]  # the replica's process tree as released
 
 
 class _Lingering(NamedTuple):
     """A stopped replica's reservation, held while its processes outlive the release."""
 
     reservation: Reservation
-    identities: Mapping[int, float]  # pid -> start time (procs.identify)
+    identities: Mapping[int, float]  # pid -> start time (procs.identify) of the survivors
+    pids: frozenset[int]  # the replica's process tree as released
 
 
 def _short(uuid: str) -> str:
@@ -691,7 +694,12 @@ class ResourceManager:
             if self._held.get(reservation.replica_id) is reservation:
                 del self._held[reservation.replica_id]
             self._lingering.pop(id(reservation), None)
-            self._leaked.update({u: _Leak(reservation.replica_id, why) for u, why in busy.items()})
+            self._leaked.update(
+                {
+                    u: _Leak(reservation.component, reservation.replica_id, why, frozenset(pid_set))
+                    for u, why in busy.items()
+                }
+            )
         for uuid, why in busy.items():
             # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS).
             self._emit(
@@ -703,7 +711,7 @@ class ResourceManager:
                 f"{self.release_timeout_s:g} s after release",
                 details={"gpu": uuid},
             )
-            self._watch_leak(uuid, pid_set, reservation)
+            self._watch_leak(uuid)
         for path in reservation.sockets.values():
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, path)
@@ -719,7 +727,6 @@ class ResourceManager:
         with self._lock:
             if self._held.get(replica_id) is reservation:
                 del self._held[replica_id]
-            self._lingering[id(reservation)] = _Lingering(reservation, identities)
         alive = sorted(await asyncio.to_thread(procs.running, identities))
         self._emit(
             "leak",
@@ -731,21 +738,30 @@ class ResourceManager:
             "they exit",
             details={"pids": alive},
         )
+        self._hold_lingering(_Lingering(reservation, identities, frozenset(pid_set)))
+
+    def _hold_lingering(self, lingering: _Lingering) -> None:
+        """Hold a lingering reservation and watch its processes; once they are gone its
+        GPUs get the usual NVML check and everything is released."""
+        reservation = lingering.reservation
+        with self._lock:
+            self._lingering[id(reservation)] = lingering
 
         async def watch() -> None:
             while True:  # psutil has no exit notification for processes not our children
-                if not await asyncio.to_thread(procs.running, identities):
+                if not await asyncio.to_thread(procs.running, lingering.identities):
                     break
                 await asyncio.sleep(self.leak_poll_s)
             self._emit(
                 "leak",
                 component=reservation.component,
-                replica=replica_id,
+                replica=reservation.replica_id,
                 outcome="ok",
-                reason=f"{replica_id}'s processes exited; its resources are released",
-                details={"pids": alive},
+                reason=f"{reservation.replica_id}'s processes exited; its resources are released",
+                details={"pids": sorted(lingering.identities)},
             )
-            await self._free_gpus(reservation, pid_set, time.monotonic() + self.release_timeout_s)
+            deadline = time.monotonic() + self.release_timeout_s
+            await self._free_gpus(reservation, set(lingering.pids), deadline)
 
         self._track(watch())
 
@@ -788,18 +804,21 @@ class ResourceManager:
             return f"still lists {replica_id}'s processes"
         return f"is not shown free of {replica_id}'s processes ({why})"
 
-    def _watch_leak(self, uuid: str, pids: set[int], reservation: Reservation) -> None:
+    def _watch_leak(self, uuid: str) -> None:
+        """Poll NVML until the leaked GPU ``uuid`` is free of its replica's processes."""
+        leak = self._leaked[uuid]
+
         async def watch() -> None:
             while True:
                 await asyncio.sleep(self.leak_poll_s)
-                if not await asyncio.to_thread(self._gpus_not_free, [uuid], pids):
+                if not await asyncio.to_thread(self._gpus_not_free, [uuid], set(leak.pids)):
                     break
             with self._lock:
                 self._leaked.pop(uuid, None)
             self._emit(
                 "leak",
-                component=reservation.component,
-                replica=reservation.replica_id,
+                component=leak.component,
+                replica=leak.replica_id,
                 outcome="ok",
                 reason=f"{_short(uuid)} is free again",
                 details={"gpu": uuid},
@@ -812,6 +831,74 @@ class ResourceManager:
         task = asyncio.get_running_loop().create_task(watcher)
         self._leak_tasks.add(task)
         task.add_done_callback(self._leak_tasks.discard)
+
+    # ------------------------------------------------------------ persistence
+
+    def held_after_stop(self) -> list[dict[str, Any]]:
+        """What stopped replicas still hold, JSON-safe, for the connector's persisted state
+        (read back by :meth:`restore_held_after_stop`): lingering reservations with their
+        processes' start times, and leaked GPUs with the PIDs NVML was listing."""
+        with self._lock:
+            out: list[dict[str, Any]] = [
+                {
+                    "kind": "lingering",
+                    "reservation": g.reservation.to_dict(),
+                    "processes": {str(pid): t for pid, t in sorted(g.identities.items())},
+                    "pids": sorted(g.pids),
+                }
+                for g in self._lingering.values()
+            ]
+            out += [
+                {
+                    "kind": "leaked",
+                    "gpu": uuid,
+                    "component": leak.component,
+                    "replica": leak.replica_id,
+                    "why": leak.why,
+                    "pids": sorted(leak.pids),
+                }
+                for uuid, leak in self._leaked.items()
+            ]
+        return out
+
+    def restore_held_after_stop(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Hold again what :meth:`held_after_stop` persisted before a connector restart, and
+        watch it as before: a lingering reservation is released once its processes are gone
+        (at once if they already are), a leaked GPU once NVML shows it free. Call on the
+        event loop. Returns a problem per entry that could not be read or names a GPU this
+        machine no longer has (those are dropped)."""
+        problems: list[str] = []
+        known = {g.uuid for g in self.inventory.gpus}
+        for n, entry in enumerate(entries):
+            try:
+                if entry["kind"] == "lingering":
+                    identities = {int(p): float(t) for p, t in dict(entry["processes"]).items()}
+                    self._hold_lingering(
+                        _Lingering(
+                            Reservation.from_dict(entry["reservation"]),
+                            identities,
+                            frozenset(int(p) for p in entry["pids"]),
+                        )
+                    )
+                elif entry["kind"] == "leaked":
+                    uuid = str(entry["gpu"])
+                    if uuid not in known:
+                        problems.append(f"entry {n}: leaked GPU {uuid} is not on this machine")
+                        continue
+                    leak = _Leak(
+                        str(entry["component"]),
+                        str(entry["replica"]),
+                        str(entry["why"]),
+                        frozenset(int(p) for p in entry["pids"]),
+                    )
+                    with self._lock:
+                        self._leaked[uuid] = leak
+                    self._watch_leak(uuid)
+                else:
+                    problems.append(f"entry {n}: unknown kind {entry['kind']!r}")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                problems.append(f"entry {n}: unreadable ({type(exc).__name__}: {exc})")
+        return problems
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:

@@ -2,7 +2,8 @@
 
 What is persisted is what a restarted connector needs to re-adopt its replicas without
 orphaning or duplicating anything: replica targets, every replica's watcher, pid and process
-create time, reservation, log paths and restart history, and how to reach circusd.
+create time, reservation, log paths and restart history, how to reach circusd, and what
+stopped replicas still hold (processes that outlived their release, leaked GPUs).
 
 Writes go to a temp file that is fsynced and renamed over ``state.json``, so a crash at any
 point leaves either the old or the new state. A ``flock`` on ``connector.lock`` (released by
@@ -81,6 +82,9 @@ class ConnectorState(BaseModel):
     circusd: dict[str, Any] | None = None
     components: dict[str, ComponentRecord] = Field(default_factory=dict)
     replicas: dict[str, ReplicaRecord] = Field(default_factory=dict)  # by watcher name
+    # What stopped replicas still hold: reservations of processes that outlived their
+    # release, and leaked GPUs (ResourceManager.held_after_stop).
+    held_after_stop: list[dict[str, Any]] = Field(default_factory=list)
 
     def replicas_of(self, component: str) -> list[ReplicaRecord]:
         return sorted(

@@ -1179,6 +1179,86 @@ async def test_a_gpu_nvml_never_lists_processes_for_is_judged_by_psutil(tmp_path
         await m.close()
 
 
+async def test_what_stopped_replicas_hold_survives_a_restart_of_the_manager(
+    tmp_path: Path,
+) -> None:
+    backend = h100_backend(copies=2, keep_captured_processes=False)
+    first = make_manager(tmp_path, backend, release_timeout_s=0.1, leak_poll_s=0.05)
+    stuck = first.reserve("Decode/1", "Decode", ResourceRequest(gpu=1, cpu=2))
+    first.reserve("Decode/2", "Decode", GPU1)
+    proc = sleeper()
+    gone = dead_pid()
+    backend.add_process(0, proc.pid, GIB)
+    backend.add_process(1, gone, GIB)  # exited, but the driver still lists it
+    try:
+        await first.release("Decode/1", {proc.pid})
+        await first.release("Decode/2", {gone})
+        entries = first.held_after_stop()
+        created = psutil.Process(proc.pid).create_time()
+        assert entries == [
+            {
+                "kind": "lingering",
+                "reservation": stuck.to_dict(),
+                "processes": {str(proc.pid): created},
+                "pids": [proc.pid],
+            },
+            {
+                "kind": "leaked",
+                "gpu": U[1],
+                "component": "Decode",
+                "replica": "Decode/2",
+                "why": "listed",
+                "pids": [gone],
+            },
+        ]
+        await first.close()  # the connector stops; its watchers with it
+
+        # A new manager (the restarted connector) reads what was persisted, as JSON.
+        events: list[tuple[str, dict[str, Any]]] = []
+        second = make_manager(
+            tmp_path,
+            backend,
+            release_timeout_s=0.1,
+            leak_poll_s=0.05,
+            on_event=lambda kind, **fields: events.append((kind, fields)),
+        )
+        broken = [{"kind": "nonsense"}, {"kind": "leaked", "gpu": "GPU-gone", "pids": []}, {}]
+        problems = second.restore_held_after_stop(json.loads(json.dumps(entries)) + broken)
+        assert problems == [
+            "entry 2: unknown kind 'nonsense'",
+            "entry 3: leaked GPU GPU-gone is not on this machine",
+            "entry 4: unreadable (KeyError: 'kind')",
+        ]
+        assert second.held_after_stop() == entries
+        view = second.machine_view()
+        assert [(g["state"], g["owners"]) for g in view["gpus"]] == [
+            ("allocated", ["Decode/1 (stopped; processes still running)"]),
+            ("leaked", []),
+        ]
+        assert view["cpu"]["reserved_cores"] == 2.0
+        assert exhausted(lambda: second.reserve("Decode/3", "Decode", GPU1)).details["holders"] == {
+            U[0]: ["Decode/1 (stopped; processes still running)"],
+            U[1]: ["leaked"],
+        }
+
+        backend.remove_pid(gone)  # the driver lets go of GPU 1
+        await poll(lambda: second.machine_view()["gpus"][1]["state"] == "free")
+        proc.kill()
+        proc.wait()
+        backend.remove_pid(proc.pid)
+        await poll(lambda: second.held_after_stop() == [])
+        assert [(f["outcome"], f["reason"]) for _, f in events] == [
+            ("ok", "GPU-3916acc0… is free again"),
+            ("ok", "Decode/1's processes exited; its resources are released"),
+        ]
+        assert second.machine_view()["cpu"]["reserved_cores"] == 0.0
+        await second.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        await first.close()
+
+
 async def test_concurrent_releases_of_one_replica_share_one_wait(tmp_path: Path) -> None:
     backend = h100_backend(keep_captured_processes=False)
     events: list[tuple[str, dict[str, Any]]] = []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,61 @@ async def test_the_capture_as_is_has_its_gpu_held_by_a_foreign_process(tmp_path:
         assert replica_ids(conn, "Decode") == []
         (gpu,) = (await conn.get_machine_resources())["gpus"]
         assert (gpu["owners"], gpu["foreign_memory_bytes"]) == ([], H100_CAPTURED_PID_MEMORY)
+
+
+async def test_a_restarted_connector_keeps_holding_what_a_stopped_replica_still_uses(
+    tmp_path: Path, idle_h100: str
+) -> None:
+    # What an earlier connector persisted: Decode/1 stopped, but its process (stuck in the
+    # driver, say) outlived the release and still holds the GPU.
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        reservation = {"replica_id": "Decode/1", "component": "Decode", "gpus": [H100_UUID]}
+        wd = tmp_path / "wd"
+        wd.mkdir()
+        (wd / "state.json").write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "namespace": "t",
+                    "held_after_stop": [
+                        {
+                            "kind": "lingering",
+                            "reservation": reservation,
+                            "processes": {str(stuck.pid): psutil.Process(stuck.pid).create_time()},
+                            "pids": [stuck.pid],
+                        }
+                    ],
+                }
+            )
+        )
+        async with running(make_graph(DECODE), wd, gpu_backend=idle_h100) as conn:
+            holder = "Decode/1 (stopped; processes still running)"
+            with pytest.raises(ResourcesExhausted) as info:
+                await conn.scale_component("Decode", 1, timeout_s=30)
+            assert info.value.message == (
+                f"Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by {holder}"
+            )
+            machine = await conn.get_machine_resources()
+            assert [entry["pids"] for entry in machine["lingering"]] == [[stuck.pid]]
+            persisted = json.loads((wd / "state.json").read_text())["held_after_stop"]
+            assert [entry["pids"] for entry in persisted] == [[stuck.pid]]
+
+            stuck.kill()
+            stuck.wait()
+            manager = conn.resources
+            assert manager is not None
+            await wait_until(lambda: manager.machine_view()["lingering"] == [], 10)
+            assert await conn.scale_component("Decode", 1, timeout_s=30) is True
+            assert replica_ids(conn, "Decode") == ["Decode/1"]
+            await wait_until(
+                lambda: json.loads((wd / "state.json").read_text())["held_after_stop"] == [], 10
+            )
+            (done,) = [e for e in kinds(conn, "leak") if e.outcome == "ok"]
+            assert done.reason == "Decode/1's processes exited; its resources are released"
+    finally:
+        stuck.kill()
+        stuck.wait()
 
 
 # --------------------------------------------------------------------------- real GPU (-m gpu)
