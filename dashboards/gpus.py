@@ -81,10 +81,21 @@ def build() -> dict[str, Any]:
         )
         .with_panel(
             stat_panel(
+                "Stopped replicas still running",
+                "Stopped replicas whose processes outlived the release timeout; their GPUs, "
+                "cores, memory and ports stay held until the processes exit.",
+                UNIT_COUNT,
+                [Query(metric("replicas_lingering"))],
+                thresholds=((None, "green"), (1.0, "orange")),
+            )
+        )
+        .with_panel(
+            stat_panel(
                 "CPU cores reserved",
                 "CPU cores reserved by replicas, of the cores the connector may reserve.",
                 UNIT_CORES,
                 [Query(metric("cpu_reserved_cores"))],
+                width=3,  # four budgets in half a row: GPU counts take the other half
             )
         )
         .with_panel(
@@ -93,6 +104,7 @@ def build() -> dict[str, Any]:
                 "CPU cores the connector may reserve for replicas.",
                 UNIT_CORES,
                 [Query(metric("cpu_allocatable_cores"))],
+                width=3,  # four budgets in half a row: GPU counts take the other half
             )
         )
         .with_panel(
@@ -101,6 +113,7 @@ def build() -> dict[str, Any]:
                 "Memory reserved by replicas.",
                 UNIT_BYTES,
                 [Query(metric("memory_reserved_bytes"))],
+                width=3,  # four budgets in half a row: GPU counts take the other half
             )
         )
         .with_panel(
@@ -109,6 +122,7 @@ def build() -> dict[str, Any]:
                 "Memory the connector may reserve for replicas.",
                 UNIT_BYTES,
                 [Query(metric("memory_allocatable_bytes"))],
+                width=3,  # four budgets in half a row: GPU counts take the other half
             )
         )
         .with_panel(

@@ -353,6 +353,10 @@ CATALOG: tuple[MetricSpec, ...] = (
           "dynamo_local.memory.allocatable", "Memory the connector may reserve."),
     _spec("memory_reserved_bytes", GAUGE, "bytes", (), Group.ALLOCATION,
           "dynamo_local.memory.reserved", "Memory reserved by replicas."),
+    _spec("replicas_lingering", GAUGE, "", (), Group.ALLOCATION,
+          "dynamo_local.replicas.lingering",
+          "Stopped replicas whose processes outlived the release timeout; their GPUs, cores, "
+          "memory and ports stay held until the processes exit."),
     # --- prefill queue ----------------------------------------------------------------------
     _spec("prefill_queue_pending_messages", GAUGE, "", (NS,), Group.QUEUE,
           "dynamo_local.prefill_queue.pending",

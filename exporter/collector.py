@@ -173,6 +173,7 @@ def _machine(f: Rows, snapshot: Snapshot) -> None:
     f.add(P + "cpu_reserved_cores", (), m.cpu_reserved_cores)
     f.add(P + "memory_allocatable_bytes", (), m.memory_allocatable_bytes)
     f.add(P + "memory_reserved_bytes", (), m.memory_reserved_bytes)
+    f.add(P + "replicas_lingering", (), m.lingering_replicas)
     for g in m.gpus:
         for state in GPU_ALLOCATION_STATES:
             f.add(P + "gpu_allocation_state", (g.uuid, state), g.state == state)

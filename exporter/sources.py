@@ -22,7 +22,8 @@ SOURCE_SHAPES = """\
  # a GPU without "state" is "allocated" when "owners" (or "owner") is non-empty, else "free"
  "free_gpus": int,                                              # optional: else counted
  "cpu": {"allocatable_cores": float, "reserved_cores": float},   # optional
- "memory": {"allocatable_bytes": int, "reserved_bytes": int}}    # optional
+ "memory": {"allocatable_bytes": int, "reserved_bytes": int},   # optional
+ "lingering": [{"replica": str, "pids": [int]}, ...]}            # optional: counted
 
 # prefill queue (health source "nats"): a status other than "ok" is a failed read
 {"status": "ok" | "unavailable", "reason": str,
@@ -54,6 +55,7 @@ class MachineAllocation:
     cpu_reserved_cores: float | None
     memory_allocatable_bytes: int | None
     memory_reserved_bytes: int | None
+    lingering_replicas: int | None = None  # stopped, processes still running, still holding
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ def parse_machine_view(value: Any) -> MachineAllocation:
     free = _count(data, "free_gpus", what)
     cpu = _mapping(data.get("cpu") or {}, f"{what}: 'cpu'")
     memory = _mapping(data.get("memory") or {}, f"{what}: 'memory'")
+    lingering = data.get("lingering")
+    if lingering is not None and not isinstance(lingering, list | tuple):
+        raise SourceFormatError(
+            f"{what}: 'lingering' must be a list, got {type(lingering).__name__}"
+        )
     return MachineAllocation(
         gpus=tuple(sorted(gpus, key=lambda g: g.uuid)),
         free_gpus=free if free is not None else sum(g.state == "free" for g in gpus),
@@ -129,6 +136,7 @@ def parse_machine_view(value: Any) -> MachineAllocation:
         cpu_reserved_cores=_number(cpu, "reserved_cores", f"{what}: cpu"),
         memory_allocatable_bytes=_count(memory, "allocatable_bytes", f"{what}: memory"),
         memory_reserved_bytes=_count(memory, "reserved_bytes", f"{what}: memory"),
+        lingering_replicas=None if lingering is None else len(lingering),
     )
 
 

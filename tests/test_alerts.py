@@ -39,6 +39,9 @@ REQUIRED = {
     "stale discovery entries": ["DynamoLocalDiscoveryStaleEntries"],
     "failed scale operations": ["DynamoLocalScaleOperationsFailing"],
     "refused allocations": ["DynamoLocalAllocationRefused"],
+    # Resources held after a stop (the resources issue: leaked GPUs, processes outliving it).
+    "leaked GPU": ["DynamoLocalGPULeaked"],
+    "replica processes outliving their stop": ["DynamoLocalReplicaOutlivedStop"],
 }
 SEVERITIES = {"critical", "warning"}
 RECORD_NAME = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")

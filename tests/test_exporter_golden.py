@@ -148,6 +148,7 @@ async def _fake_scene() -> tuple[Exporter, FakeReader]:
             "gpus": [{"uuid": H100, "owners": ["decode/0"]}],
             "cpu": {"allocatable_cores": 16, "reserved_cores": 2},
             "memory": {"allocatable_bytes": 64 << 30, "reserved_bytes": 4 << 30},
+            "lingering": [{"replica": "decode/1", "pids": [202]}],
         },
         queue_reader=queue,
         discovery_stats=lambda: {"instances": {"decode": 1, "prefill": 1}, "stale_reaped_total": 2},

@@ -10,6 +10,7 @@ from prometheus_client.exposition import generate_latest
 
 from exporter.process_tree import ProcessTreeSampler
 from exporter.service import Exporter, build_exporter
+from exporter.sources import SourceFormatError, parse_machine_view
 from tests.exporter_helpers import (
     Clock,
     FakeProc,
@@ -265,3 +266,12 @@ async def test_start_runs_the_loop_and_stop_is_idempotent() -> None:
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="sampling interval must be positive, got 0 s"):
         _setup(interval_s=0)
+
+
+def test_the_machine_view_counts_lingering_replicas_and_names_a_wrong_shape() -> None:
+    view = {"gpus": [], "lingering": [{"replica": "Decode/1", "pids": [7]}, {"replica": "P/2"}]}
+    assert parse_machine_view(view).lingering_replicas == 2
+    assert parse_machine_view({"gpus": []}).lingering_replicas is None  # not reported
+    with pytest.raises(SourceFormatError) as info:
+        parse_machine_view({"gpus": [], "lingering": {"Decode/1": [7]}})
+    assert str(info.value) == "machine view: 'lingering' must be a list, got dict"
