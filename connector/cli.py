@@ -227,6 +227,16 @@ async def cmd_top(api: Client, args: argparse.Namespace) -> int:
             live.update(render.top_table(components, usage, queue), refresh=True)
 
 
+async def cmd_resources(api: Client, args: argparse.Namespace) -> int:
+    data = await api.resources()
+    if args.json:
+        print_json(data)
+    else:
+        for table in render.resources_tables(data):
+            out.print(table)
+    return EXIT_OK
+
+
 async def cmd_topology(api: Client, args: argparse.Namespace) -> int:
     result = await api.topology(args.format)
     if args.format == "json":
@@ -434,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=_positive(float), default=2.0, help="seconds")
     top.add_argument("--json", action="store_true", help="with --once: the data as JSON")
     top.set_defaults(run=cmd_top)
+
+    resources = sub.add_parser(
+        "resources", parents=[client], help="GPUs, CPU, memory, ports: who holds what"
+    )
+    resources.add_argument("--json", action="store_true")
+    resources.set_defaults(run=cmd_resources)
 
     topology = sub.add_parser("topology", parents=[client], help="the graph's topology")
     topology.add_argument("--format", choices=("json", "dot", "mermaid"), default="json")

@@ -150,6 +150,73 @@ def top_table(
     return table
 
 
+GPU_STATE_STYLES = {"free": "green", "allocated": "cyan", "leaked": "bold red"}
+
+
+def resources_tables(data: Mapping[str, Any]) -> list[Table]:
+    """``/v1/resources`` as tables: the GPUs (with the CPU and memory budgets as caption),
+    then ports and sockets per replica, then stopped replicas still holding resources."""
+    cpu, memory = data.get("cpu") or {}, data.get("memory") or {}
+    caption = (
+        f"CPU {cpu.get('reserved_cores', 0):g}/{cpu.get('allocatable_cores', 0):g} cores "
+        f"reserved · memory {size(memory.get('reserved_bytes'))} / "
+        f"{size(memory.get('allocatable_bytes'))} reserved"
+    )
+    gpus = Table(title="GPUs", title_justify="left", caption=caption, caption_justify="left")
+    for header in ("GPU", "UUID", "NAME", "STATE", "OWNERS", "MEMORY", "FOREIGN"):
+        gpus.add_column(header, no_wrap=header != "OWNERS")
+    for g in data.get("gpus") or []:
+        state = styled(str(g["state"]), GPU_STATE_STYLES)
+        if g.get("mig_mode"):
+            state.append(" (MIG)", style="dim")
+        elif g.get("blocked_by_foreign"):
+            state.append(" (foreign use)", style="yellow")
+        gpus.add_row(
+            str(g["index"]),
+            short_gpu(str(g["uuid"])),
+            str(g.get("name", "")),
+            state,
+            ", ".join(g.get("owners") or []) or "-",
+            f"{size(g.get('memory_used_bytes'))} / {size(g.get('memory_total_bytes'))}",
+            size(g.get("foreign_memory_bytes")) if g.get("foreign_memory_bytes") else "-",
+        )
+    if not data.get("gpus"):
+        gpus.add_row("-", "-", f"no GPU: {data.get('gpu_backend', 'unknown')}", "", "", "", "")
+    tables = [gpus]
+    ports, sockets = data.get("ports") or {}, data.get("sockets") or {}
+    if ports or sockets:
+        held = Table(title="Ports and sockets", title_justify="left")
+        for header in ("REPLICA", "PORTS", "SOCKETS"):
+            held.add_column(header, no_wrap=header == "REPLICA")
+        for replica in sorted(set(ports) | set(sockets)):
+            held.add_row(
+                replica,
+                " ".join(f"{k}={v}" for k, v in (ports.get(replica) or {}).items()) or "-",
+                " ".join(f"{k}={v}" for k, v in (sockets.get(replica) or {}).items()) or "-",
+            )
+        tables.append(held)
+    lingering = data.get("lingering") or []
+    if lingering:
+        stuck = Table(
+            title="Stopped replicas still running (their resources stay held)",
+            title_justify="left",
+        )
+        for header in ("REPLICA", "PIDS", "GPUS", "CPU", "MEMORY", "PORTS"):
+            stuck.add_column(header, no_wrap=True)
+        for entry in lingering:
+            r = entry.get("reservation") or {}
+            stuck.add_row(
+                str(entry["replica"]),
+                ",".join(str(p) for p in entry.get("pids") or []) or "-",
+                ",".join(short_gpu(u) for u in r.get("gpus") or []) or "-",
+                f"{r.get('cpu_cores', 0):g}" if r.get("cpu_cores") else "-",
+                size(r.get("memory_bytes")) if r.get("memory_bytes") else "-",
+                " ".join(f"{k}={v}" for k, v in (r.get("ports") or {}).items()) or "-",
+            )
+        tables.append(stuck)
+    return tables
+
+
 def queue_depth(queue: Mapping[str, Any] | None) -> int | None:
     if not queue or queue.get("status", "ok") != "ok":
         return None

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from connector.graph import PortSpec, ResourceRequest
 from connector.server import RunningServer
 from tests.api_helpers import Served, serve
-from tests.core_helpers import wait_until
+from tests.core_helpers import make_graph, svc, wait_until
+from tests.nvml_fakes import idle_capture
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -363,3 +365,41 @@ async def test_down_asks_the_server_to_stop_and_waits(tmp_path: Path) -> None:
             "dynamo-local: stopped",
         ]
         assert len(api.shutdown_calls) == 1
+
+
+# ------------------------------------------------------------------------- resources
+
+
+async def test_resources_shows_who_holds_each_gpu_and_port(tmp_path: Path) -> None:
+    graph = make_graph(
+        svc(
+            "Decode",
+            replicas=1,
+            max_replicas=1,
+            resources=ResourceRequest(gpu=1, cpu=1, memory_bytes=1 << 30),
+            ports=(PortSpec("system", env="DYN_SYSTEM_PORT"),),
+        ),
+        name="restest",
+    )
+    gpu_backend = f"fake:{idle_capture(tmp_path)}"
+    async with serve(tmp_path / "wd", graph, gpu_backend=gpu_backend) as api:
+        await wait_until(lambda: api.connector.view().components[0].ready == 1, 30)
+        (rec,) = api.connector.state.replicas_of("Decode")
+        assert rec.reservation is not None
+        port = rec.reservation["ports"]["system"]
+        result = await cli("resources", *_url(api))
+        assert result.code == 0, result.err
+        lines = result.out.splitlines()
+        header = next(i for i, line in enumerate(lines) if "OWNERS" in line)
+        assert cells(lines[header]) == [
+            "GPU", "UUID", "NAME", "STATE", "OWNERS", "MEMORY", "FOREIGN",
+        ]  # fmt: skip
+        assert cells(lines[header + 2])[:2] == ["0", "GPU-3916acbf"]
+        assert cells(lines[header + 2])[-8:] == [
+            "allocated", "Decode/1", "3.5", "GiB", "/", "79.6", "GiB", "-",
+        ]  # fmt: skip
+        budgets = next(cells(line) for line in lines if line.startswith("CPU"))
+        assert budgets[:9] == ["CPU", "1/2", "cores", "reserved", "·", "memory", "1.0", "GiB", "/"]
+        assert ["Decode/1", f"system={port}", "-"] in [cells(line) for line in lines]
+        as_json = json.loads((await cli("resources", "--json", *_url(api))).out)
+        assert as_json == await api.connector.get_machine_resources()
