@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest
 from connector.nvml import open_gpu_backend
 from tests.core_helpers import alive, make_graph, pids, running, svc
@@ -26,14 +27,18 @@ HOLDER = (
 
 
 @pytest.fixture
-def gpu_uuid() -> str:
+def gpu_uuid(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The first GPU, and the only one the connector may hand out (its own
+    ``CUDA_VISIBLE_DEVICES``), so the tests read the same on a machine with more GPUs."""
     backend, reason = open_gpu_backend("nvml")
     if backend is None:
         pytest.skip(f"no GPU: {reason}")
     try:
-        return backend.devices()[0].uuid
+        uuid = backend.devices()[0].uuid
     finally:
         backend.close()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid)
+    return uuid
 
 
 async def test_replica_gets_its_gpu_and_releases_it_after_exit(
@@ -57,6 +62,7 @@ async def test_replica_gets_its_gpu_and_releases_it_after_exit(
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert f"CUDA_VISIBLE_DEVICES={gpu_uuid}".encode() in environ
         machine = await conn.get_machine_resources()
+        assert [g["uuid"] for g in machine["gpus"]] == [gpu_uuid]
         assert machine["gpus"][0]["owners"] == ["Decode/1"]
         assert machine["gpus"][0]["state"] == "allocated"
         # NVML attributes the memory to the replica's PID.
@@ -67,8 +73,6 @@ async def test_replica_gets_its_gpu_and_releases_it_after_exit(
         usage = await conn.get_resource_usage("Decode")
         assert usage["replicas"][0]["allocated"]["gpus"] == [gpu_uuid]
         # A second replica cannot have the only GPU.
-        from connector.errors import ResourcesExhausted
-
         with pytest.raises(ResourcesExhausted, match="Decode replica 2 needs 1 GPU, 0 free"):
             await conn.scale_component("Decode", 2)
         assert await conn.scale_component("Decode", 0, timeout_s=60)
@@ -77,3 +81,54 @@ async def test_replica_gets_its_gpu_and_releases_it_after_exit(
         assert not [p for s in samples for p in s.processes if p.pid == pid]
         machine = await conn.get_machine_resources()
         assert machine["gpus"][0]["state"] == "free"
+
+
+# Holds 256 MiB on the GPU it shares, then opens its port (its readiness).
+SHARER = (
+    "import os, socket, time, torch\n"
+    "x = torch.empty(256 << 20, dtype=torch.uint8, device='cuda'); x.fill_(1)\n"
+    "torch.cuda.synchronize()\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
+    "time.sleep(600)\n"
+)
+
+
+async def test_half_gpu_replicas_share_the_gpu_and_each_is_attributed(
+    tmp_path: Path, gpu_uuid: str
+) -> None:
+    pytest.importorskip("torch")
+    graph = make_graph(
+        svc(
+            "Half",
+            (sys.executable, "-c", SHARER),
+            max_replicas=3,
+            resources=ResourceRequest(gpu=0.5),
+            ports=(PortSpec("main", "PORT"),),
+            readiness=Readiness(kind=ReadinessKind.TCP, port="main", timeout_s=120),
+        )
+    )
+    async with running(graph, tmp_path, gpu_backend="nvml") as conn:
+        assert await conn.scale_component("Half", 2, timeout_s=120)
+        replica_pids = pids(conn, "Half")
+        for pid in replica_pids.values():
+            assert pid is not None
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"CUDA_VISIBLE_DEVICES={gpu_uuid}".encode() in environ
+            assert b"DYNAMO_LOCAL_GPU_MEMORY_FRACTION=0.5" in environ
+        machine = await conn.get_machine_resources()
+        (gpu,) = machine["gpus"]
+        assert (gpu["owners"], gpu["fraction_used"]) == (["Half/1", "Half/2"], 1.0)
+        backend = conn._resource_manager.gpu_backend
+        samples = await asyncio.to_thread(backend.sample)
+        listed = {p.pid: p.used_memory_bytes for s in samples for p in s.processes}
+        for pid in replica_pids.values():
+            assert (listed.get(pid) or 0) >= 256 << 20, f"NVML lists {listed}, not PID {pid}"
+        with pytest.raises(ResourcesExhausted) as info:
+            await conn.scale_component("Half", 3)
+        assert info.value.message == (
+            f"Half replica 3 needs 0.5 of a GPU, 0 free; {gpu_uuid[:12]}… held by Half/1, Half/2"
+        )
+        assert await conn.scale_component("Half", 0, timeout_s=60)
+        assert not any(alive(pid) for pid in replica_pids.values())
+        machine = await conn.get_machine_resources()
+        assert (machine["gpus"][0]["state"], machine["gpus"][0]["owners"]) == ("free", [])

@@ -273,6 +273,8 @@ async def test_a_cuda_replica_is_attributed_by_pid_and_released_only_after_exit(
     probe, reason = open_gpu_backend("nvml")
     if probe is None:
         pytest.skip(f"no NVML GPU: {reason}")
+    # One GPU for the connector to hand out, whatever the machine has.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", probe.devices()[0].uuid)
     probe.close()
     graph = make_graph(
         svc(
