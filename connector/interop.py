@@ -107,10 +107,8 @@ async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor
     async def apply(prefill: int | None, decode: int | None, decision_id: int) -> DecisionOutcome:
         # A decision pending at start-up waits until the connector has re-adopted its
         # replicas and runs its loop, so it never races the adoption.
-        while not connector._initialized:
-            if connector._closed:
-                return DecisionOutcome("failed", "connector shut down during start-up")
-            await asyncio.sleep(0.05)
+        if not await connector.wait_started():
+            return DecisionOutcome("failed", "connector shut down during start-up")
         return await apply_decision(
             connector.graph,
             connector,

@@ -111,6 +111,9 @@ class LocalConnector(PlannerConnectorMixin):
         self._initialized = False
         self._started_circusd = False
         self._closed = False
+        # Set once initialize() has finished (or failed) or shutdown() began: what
+        # wait_started() waits on.
+        self._settled = asyncio.Event()
         self._extensions: list[Any] = []  # started after the loop, stopped before it
         self._metrics_source: Callable[[str], dict[str, Any]] | None = None
         self._resource_manager: Any = None
@@ -162,9 +165,17 @@ class LocalConnector(PlannerConnectorMixin):
         except BaseException:
             # A circusd we started just now must not outlive a failed start; one we
             # re-attached to keeps running the replicas it already had.
+            self._settled.set()
             await self._teardown(detach=not self._started_circusd)
             raise
         self._initialized = True
+        self._settled.set()
+
+    async def wait_started(self) -> bool:
+        """Wait until :meth:`initialize` has re-adopted the replicas and started the loop:
+        True, or False when the start failed or the connector is shutting down."""
+        await self._settled.wait()
+        return self._initialized and not self._closed
 
     async def _initialize_locked(self) -> None:
         loaded = await asyncio.to_thread(self.store.load)
@@ -281,6 +292,7 @@ class LocalConnector(PlannerConnectorMixin):
         if self._closed:
             return
         self._closed = True
+        self._settled.set()
         await self._teardown(detach=detach)
 
     async def _teardown(self, detach: bool) -> None:

@@ -10,10 +10,12 @@ import pytest
 
 from connector.errors import ComponentNotFound, InvalidReplicas, ReplicaLimit
 from connector.graph import Readiness, ReadinessKind
+from connector.local import LocalConnector
 from tests.core_helpers import (
     alive,
     kinds,
     make_graph,
+    options,
     phases,
     pids,
     python_cmd,
@@ -164,3 +166,24 @@ async def test_list_components_reports_status_and_counts(tmp_path: Path) -> None
         assert listing["Frontend"]["scale_in_flight"] is False
         assert listing["Idle"]["status"] == "stopped"
         assert listing["Idle"]["replicas"] == {"desired": 0, "running": 0, "ready": 0}
+
+
+async def test_wait_started_wakes_once_the_connector_is_up_or_shut_down(tmp_path: Path) -> None:
+    graph = make_graph(svc("Decode", replicas=1, max_replicas=2))
+    conn = LocalConnector("t", graph, tmp_path / "up", options())
+    waiter = asyncio.create_task(conn.wait_started())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await conn.initialize()
+    try:
+        assert await asyncio.wait_for(waiter, 5) is True
+        # By then the loop runs and has started what the graph asks for.
+        assert replica_ids(conn, "Decode") == ["Decode/1"]
+    finally:
+        await conn.shutdown()
+    assert await conn.wait_started() is False
+
+    never = LocalConnector("t", graph, tmp_path / "never", options())
+    waiter = asyncio.create_task(never.wait_started())
+    await never.shutdown()  # before it ever started
+    assert await asyncio.wait_for(waiter, 5) is False
