@@ -88,6 +88,8 @@ class ResourceBroker(Protocol):
 
     def held_after_stop(self) -> list[dict[str, Any]]: ...
 
+    def recheck_ports(self, replica_id: str) -> tuple[Any, list[str]]: ...
+
     def restore_held_after_stop(self, entries: Sequence[Mapping[str, Any]]) -> list[str]: ...
 
 
@@ -378,6 +380,31 @@ class Reconciler:
         res: ReservationLike = self.resources.reservation_from_dict(rec.reservation)
         return res
 
+    async def _recheck_ports(self, rec: ReplicaRecord, restart: bool) -> bool:
+        """Move the replica's ports that a foreign process bound since they were reserved
+        (or since its last exit), so it does not start only to fail on bind. True when one
+        moved: the record has the new ports and the old watcher, whose env names the old
+        ones, is gone."""
+        if not rec.reservation or not rec.reservation.get("ports"):
+            return False
+        reservation, moves = await asyncio.to_thread(self.resources.recheck_ports, rec.replica_id)
+        if not moves:
+            return False
+        rec.reservation = reservation.to_dict()
+        await self.save()
+        for line in moves:
+            self.events.emit(
+                "allocate",
+                component=rec.component,
+                replica=rec.replica_id,
+                outcome="ok",
+                reason=line,
+            )
+        if restart:
+            with contextlib.suppress(CircusCommandError):
+                await self.channel.call("rm", name=rec.watcher, waiting=True)
+        return True
+
     async def _circus_start(self, rec: ReplicaRecord, restart: bool) -> int:
         svc = self.graph.services[rec.component]
         reservation = self._reservation(rec)
@@ -429,7 +456,8 @@ class Reconciler:
         await self.save()  # the record exists on disk before the process does
         with step(name, **{"dynamo_local.replica": rec.replica_id}):
             try:
-                pid = await self._circus_start(rec, restart)
+                moved = await self._recheck_ports(rec, restart)
+                pid = await self._circus_start(rec, restart and not moved)
             except ExitedAtOnce:
                 # Gone before we could see it: circusd's reap event has its exit code.
                 if self.hooks.after_exit is not None:
@@ -438,7 +466,7 @@ class Reconciler:
                 code = self._last_code_by_watcher.pop(rec.watcher, None)
                 await self._after_exit(rec, code, "exited at once: " + _describe_exit(code))
                 return
-            except (SupervisorUnavailable, CircusCommandError) as exc:
+            except (SupervisorUnavailable, CircusCommandError, ResourcesExhausted) as exc:
                 self.events.emit(
                     name,
                     component=rec.component,

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -550,6 +550,34 @@ class ResourceManager:
         self._next_port = port
         return out
 
+    def recheck_ports(self, replica_id: str) -> tuple[Reservation | None, list[str]]:
+        """Before a replica's process (re)starts: are its reserved ports still free? A
+        foreign process may have bound one since the reservation or the last exit. Each
+        taken port moves to a free one in the range. Returns the reservation (a new one when
+        a port moved; None for an unknown replica) and one line per move naming who holds
+        the old port. Raises :class:`ResourcesExhausted` when no free port is left (the
+        reservation is unchanged then). Blocking (binds, and psutil): call it in a thread.
+        """
+        with self._lock:
+            held = self._held.get(replica_id)
+            if held is None or not held.ports:
+                return held, []
+            # SO_REUSEADDR as servers bind: only a listener (or a binder) counts as taken,
+            # not the TIME_WAIT connections the replica's previous process left behind.
+            taken = [name for name, port in held.ports.items() if not _port_free(port, True)]
+            if not taken:
+                return held, []
+            label = f"{held.component} replica {_ordinal(replica_id)}"
+            moved = self._pick_ports(label, [PortSpec(name) for name in taken])
+            updated = replace(held, ports={**held.ports, **moved})
+            self._held[replica_id] = updated
+        lines = [
+            f"{replica_id}: port {name} {held.ports[name]} is taken by "
+            f"{_port_holder(held.ports[name])}; moved to {moved[name]}"
+            for name in taken
+        ]
+        return updated, lines
+
     def _socket_paths(
         self, component: str, replica_id: str, specs: Sequence[SocketSpec]
     ) -> dict[str, str]:
@@ -1046,13 +1074,26 @@ def _contiguous(free: list[GpuDevice], n: int) -> list[GpuDevice]:
     return ordered[:n]
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, reuse_address: bool = False) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def _port_holder(port: int) -> str:
+    """Who has ``port`` bound, as well as psutil can tell ("pid 4242 (nginx)")."""
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.pid:
+                with contextlib.suppress(psutil.Error):
+                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                return f"pid {conn.pid}"
+    return "another process"
 
 
 async def open_resource_manager(

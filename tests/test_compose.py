@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dashboards.promql import DYNAMO_FRONTEND_JOB, JOB
-from dashboards.rules import RULES_FILE
+from dashboards.rules import RULES_FILE, load_rules
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -183,7 +183,7 @@ def test_promtool_checks_the_mounted_prometheus_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {copy} is valid prometheus config file syntax" in result.stdout
-    assert "  SUCCESS: 18 rules found" in result.stdout
+    assert f"  SUCCESS: {len(load_rules())} rules found" in result.stdout
 
 
 @pytest.mark.skipif(AMTOOL is None, reason="amtool (Debian prometheus-alertmanager) missing")

@@ -761,6 +761,36 @@ async def test_a_real_process_binds_its_port_and_release_waits_for_it(tmp_path: 
 # --------------------------------------------------------------------------- sockets
 
 
+def test_a_port_bound_by_someone_else_since_the_reservation_moves(tmp_path: Path) -> None:
+    first = free_run(3)
+    m = make_manager(tmp_path, None, port_range=(first, first + 2))
+    held = m.reserve("Decode/1", "Decode", ResourceRequest(), [PortSpec("http"), PortSpec("rpc")])
+    assert held.ports == {"http": first, "rpc": first + 1}
+    assert m.recheck_ports("Decode/1") == (held, [])  # nothing taken: nothing moves
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", first))
+    squatter.listen()
+    try:
+        moved, lines = m.recheck_ports("Decode/1")
+        me = psutil.Process().name()
+        assert lines == [f"Decode/1: port http {first} is taken by pid {os.getpid()} ({me}); "
+                         f"moved to {first + 2}"]  # fmt: skip
+        assert moved is not None and moved.ports == {"http": first + 2, "rpc": first + 1}
+        assert m.reservation("Decode/1") == moved
+        assert m.machine_view()["ports"] == {"Decode/1": {"http": first + 2, "rpc": first + 1}}
+        # Nowhere left to go: refused, and the reservation stays as it was.
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", first + 2))
+        blocker.listen()
+        with blocker:
+            error = exhausted(lambda: m.recheck_ports("Decode/1"))
+            assert error.details == {"needed": 1, "free": 0, "kind": "ports"}
+            assert m.reservation("Decode/1") == moved
+    finally:
+        squatter.close()
+    assert m.recheck_ports("Nobody/1") == (None, [])
+
+
 def test_socket_paths_are_short_deterministic_and_stale_files_go(short_dir: Path) -> None:
     spec = [SocketSpec("rpc", env="RPC_SOCKET")]
     expected = short_dir / "sock" / "decode-1-rpc.sock"

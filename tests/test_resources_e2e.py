@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,7 @@ import psutil
 import pytest
 
 from connector.errors import ResourcesExhausted
-from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest
+from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest, RestartPolicy
 from connector.nvml import open_gpu_backend
 from tests.core_helpers import (
     alive,
@@ -191,6 +194,53 @@ async def test_the_capture_as_is_has_its_gpu_held_by_a_foreign_process(tmp_path:
         assert replica_ids(conn, "Decode") == []
         (gpu,) = (await conn.get_machine_resources())["gpus"]
         assert (gpu["owners"], gpu["foreign_memory_bytes"]) == ([], H100_CAPTURED_PID_MEMORY)
+
+
+LISTENER = svc(
+    "Api",
+    python_cmd(
+        "import os, socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
+        "time.sleep(300)\n"
+    ),
+    max_replicas=1,
+    ports=(PortSpec("main", env="PORT"),),
+    readiness=Readiness(kind=ReadinessKind.TCP, port="main", timeout_s=30, period_s=0.05),
+    # A second of backoff: time for the test to take the port before the restart.
+    restart=RestartPolicy(backoff_base_s=1.0, backoff_max_s=1.0),
+)
+
+
+async def test_a_port_taken_while_a_replica_was_down_moves_before_it_restarts(
+    tmp_path: Path,
+) -> None:
+    async with running(make_graph(LISTENER), tmp_path / "wd") as conn:
+        assert await conn.scale_component("Api", 1, timeout_s=30) is True
+        (rec,) = conn.state.replicas_of("Api")
+        assert rec.pid is not None and rec.reservation is not None
+        old_pid, old_port = rec.pid, rec.reservation["ports"]["main"]
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(lambda: not alive(old_pid), 10)
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", old_port))  # someone else takes the port meanwhile
+        squatter.listen()
+        with squatter:
+            await wait_until(lambda: phases(conn, "Api") == {"Api/1": "ready"}
+                             and pids(conn, "Api")["Api/1"] != old_pid, 20)  # fmt: skip
+            (rec,) = conn.state.replicas_of("Api")
+            assert rec.reservation is not None and rec.pid is not None
+            new_port = rec.reservation["ports"]["main"]
+            assert new_port != old_port
+            assert environ(rec.pid)["PORT"] == str(new_port)
+            assert new_port in listening(rec.pid)
+            me = psutil.Process().name()
+            (moved,) = [e for e in kinds(conn, "allocate", "Api") if e.outcome == "ok"]
+            assert moved.reason == (
+                f"Api/1: port main {old_port} is taken by pid {os.getpid()} ({me}); "
+                f"moved to {new_port}"
+            )
+            assert (await conn.get_machine_resources())["ports"] == {"Api/1": {"main": new_port}}
+            assert rec.restarts == 1
 
 
 async def test_a_restarted_connector_keeps_holding_what_a_stopped_replica_still_uses(
