@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.live import Live
 
 from connector import cli_render as render
+from connector import defaults
 from connector.client import (
     TOKEN_ENV,
     URL_ENV,
@@ -35,6 +36,7 @@ from connector.client import (
     default_token,
     default_url,
 )
+from connector.quantities import format_memory
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -329,6 +331,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         working_dir=Path(args.working_dir) if args.working_dir else None,
         gpu_backend=args.gpu_backend,
         metrics=not args.no_metrics,
+        port_range=args.port_range,
+        gpu_foreign_memory_threshold_bytes=args.gpu_foreign_threshold,
+        gpu_release_timeout_s=args.release_timeout,
     )
 
     def say(line: str) -> None:
@@ -368,6 +373,29 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _port_range(text: str) -> tuple[int, int]:
+    lo_text, sep, hi_text = text.partition("-")
+    try:
+        lo, hi = int(lo_text), int(hi_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like 20000-29999, got {text!r}") from None
+    if not sep or not 1024 <= lo <= hi <= defaults.HIGHEST_REPLICA_PORT:
+        raise argparse.ArgumentTypeError(
+            f"must be LOW-HIGH with 1024 <= LOW <= HIGH <= {defaults.HIGHEST_REPLICA_PORT} "
+            f"(Dynamo reads ports as signed 16-bit numbers), got {text!r}"
+        )
+    return lo, hi
+
+
+def _memory(text: str) -> int:
+    from connector.quantities import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -399,6 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--working-dir", default=None, help="state, logs, sockets (default ~/.dynamo)")
     up.add_argument("--gpu-backend", default="auto", help="auto, nvml, none or fake:<capture.json>")
+    up.add_argument(
+        "--port-range",
+        type=_port_range,
+        default=defaults.PORT_RANGE,
+        metavar="LOW-HIGH",
+        help="ports handed to replicas (default {}-{})".format(*defaults.PORT_RANGE),
+    )
+    up.add_argument(
+        "--gpu-foreign-threshold",
+        type=_memory,
+        default=defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES,
+        metavar="MEMORY",
+        help="skip GPUs that processes not ours use beyond this (default "
+        f"{format_memory(defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES)})",
+    )
+    up.add_argument(
+        "--release-timeout",
+        type=_positive(float),
+        default=defaults.RELEASE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="wait this long for a stopped replica's processes and GPUs to be free, "
+        "then hold them as lingering/leaked (default %(default)s)",
+    )
     up.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     up.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from connector import procs
+from connector import defaults, procs
 from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
@@ -64,11 +64,12 @@ class ConnectorOptions:
     circus_pubsub_endpoint: str | None = None
     circus_check_delay_s: float = 0.25
     gpu_backend: str = "auto"  # auto | nvml | none | fake:<capture.json>
-    # Ports handed to replicas. Dynamo's runtime reads DYN_SYSTEM_PORT as a signed 16-bit
-    # number, so the range stays below 32768.
-    port_range: tuple[int, int] = (20000, 29999)
-    gpu_foreign_memory_threshold_bytes: int = 1 << 30  # skip GPUs others use beyond this
-    gpu_release_timeout_s: float = 30.0  # then a GPU still held by a gone replica is "leaked"
+    port_range: tuple[int, int] = defaults.PORT_RANGE  # ports handed to replicas
+    # Skip GPUs that processes not ours use beyond this.
+    gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
+    # Then a stopped replica's resources are held as lingering (processes alive) or its
+    # GPUs as leaked (NVML still lists them).
+    gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
     resync_s: float = 1.0
     scale_timeout_s: float = 300.0
     planner_executor: bool = False

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from connector import procs
+from connector import defaults, procs
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend, GpuDevice, GpuSample, open_gpu_backend
@@ -257,9 +257,9 @@ class ResourceManager:
         inventory: Inventory,
         *,
         working_dir: Path,
-        port_range: tuple[int, int] = (20000, 29999),
-        foreign_memory_threshold_bytes: int = 1 << 30,
-        release_timeout_s: float = 30.0,
+        port_range: tuple[int, int] = defaults.PORT_RANGE,
+        foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES,
+        release_timeout_s: float = defaults.RELEASE_TIMEOUT_S,
         gpu_backend: GpuBackend | None = None,
         on_event: Callable[..., Any] | None = None,
         release_poll_s: float = 0.1,
@@ -1101,10 +1101,10 @@ async def open_resource_manager(
     *,
     working_dir: Path,
     namespace: str,
-    port_range: tuple[int, int] = (20000, 29999),
+    port_range: tuple[int, int] = defaults.PORT_RANGE,
     on_event: Callable[..., Any] | None = None,
-    foreign_memory_threshold_bytes: int = 1 << 30,
-    release_timeout_s: float = 30.0,
+    foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES,
+    release_timeout_s: float = defaults.RELEASE_TIMEOUT_S,
 ) -> ResourceManager:
     """Open the GPU backend named by ``gpu_backend_spec`` (see
     :func:`connector.nvml.open_gpu_backend`) and build a manager over the detected

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from connector import defaults
 from connector.api.context import CONTEXT, ApiSettings
 from connector.errors import ConnectorError
 from connector.local import ConnectorOptions, LocalConnector
@@ -41,6 +42,9 @@ class UpConfig:
     working_dir: Path | None = None
     gpu_backend: str = "auto"
     metrics: bool = True
+    port_range: tuple[int, int] = defaults.PORT_RANGE
+    gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
+    gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
 
     def options(self) -> ConnectorOptions:
         return ConnectorOptions(
@@ -49,6 +53,9 @@ class UpConfig:
             nats_url=self.nats_url,
             planner_executor=self.planner_executor,
             gpu_backend=self.gpu_backend,
+            port_range=self.port_range,
+            gpu_foreign_memory_threshold_bytes=self.gpu_foreign_memory_threshold_bytes,
+            gpu_release_timeout_s=self.gpu_release_timeout_s,
         )
 
 

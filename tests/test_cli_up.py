@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from tests.test_cli import cli, cli_env
+from tests.test_resources import bindable
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -43,6 +44,7 @@ spec:
       extraPodSpec: {mainContainer: {command: ["{python}", "-c", "import time; time.sleep(300)"]}}
       local:
         maxReplicas: 3
+        ports: [{name: system, env: DYN_SYSTEM_PORT}]
         readiness: {process: {startupGraceSeconds: 0.2}}
         gracefulStopSeconds: 2
 """
@@ -186,6 +188,51 @@ async def test_up_serves_then_a_signal_stops_everything(
     assert "dynamo-local: stopping 4 replica(s)" in output
     assert output[-1] == "dynamo-local: stopped"
     assert _our_processes(up.working_dir, pids) == []
+
+
+async def test_up_hands_out_ports_from_the_range_it_is_given(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # Below Dynamo's 32767 limit, and away from the default range other tests use.
+    first = next(p for p in range(30000, 32760, 7) if all(bindable(p + i) for i in range(3)))
+    up = await start_up(tmp_path, "--port-range", f"{first}-{first + 2}", "--release-timeout", "5")
+    try:
+        scaled = await cli("scale", "Work", "3", "--wait", "--url", up.url)
+        assert scaled.code == 0, scaled.err
+        async with http.get(up.url + "/v1/resources") as resp:
+            body = await resp.json()
+        assert body["port_range"] == [first, first + 2]
+        assert sorted(p["system"] for p in body["ports"].values()) == [first, first + 1, first + 2]
+    finally:
+        up.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(up.proc.wait(), 60) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port-range", "2000", "must look like 20000-29999, got '2000'"),
+        (
+            "--port-range",
+            "30000-40000",
+            "must be LOW-HIGH with 1024 <= LOW <= HIGH <= 32767 (Dynamo reads ports as signed "
+            "16-bit numbers), got '30000-40000'",
+        ),
+        (
+            "--gpu-foreign-threshold",
+            "lots",
+            "invalid quantity 'lots': expected a number with an optional suffix (Ki, Mi, Gi, "
+            "Ti, Pi, Ei, n, u, m, k, M, G, T, P, E), e.g. '512Mi'",
+        ),
+        ("--release-timeout", "0", "must be > 0, got 0"),
+    ],
+)
+async def test_up_resource_flags_refuse_bad_values_with_exit_2(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    result = await cli("up", str(_graph(tmp_path)), flag, value)
+    assert result.code == 2
+    assert result.err.strip().splitlines()[-1].endswith(f"argument {flag}: {message}")
 
 
 async def test_down_stops_a_running_up(tmp_path: Path, http: aiohttp.ClientSession) -> None:
