@@ -1,7 +1,9 @@
 """Property: over random sequences of scale-ups (one, batched, concurrent from threads),
-scale-downs, crashes and connector restarts on a synthetic 8-GPU machine, nothing is ever
-over-allocated, a request is refused exactly when it cannot fit, and what the manager holds
-is exactly what the live replicas hold (the model)."""
+scale-downs, crashes, stops whose processes survive (lingering), and connector restarts on a
+synthetic 8-GPU machine, nothing is ever over-allocated, a request is refused exactly when it
+cannot fit, what the manager holds for replicas is exactly what the live replicas hold (the
+model), and what stopped replicas' surviving processes hold stays held, across restarts,
+until they exit."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import event, settings
@@ -48,6 +54,10 @@ CPUS = tuple(range(8))
 MEMORY = 16 * GIB
 FOREIGN_GPU = 7  # a process that is not ours uses 3 GiB there: never handed out
 EPS = 1e-9
+RELEASE_TIMEOUT_S = 5.0
+STUCK_TIMEOUT_S = 0.05  # how long a release waits for processes that will not exit
+STUCK_HOLDER = " (stopped; processes still running)"
+T = TypeVar("T")
 
 requests = st.builds(
     ResourceRequest,
@@ -71,17 +81,29 @@ def socket_specs(n: int) -> list[SocketSpec]:
 
 class Allocation(RuleBasedStateMachine):
     replicas = Bundle("replicas")
+    stuck = Bundle("stuck")
 
     def __init__(self) -> None:
         super().__init__()
+        # One loop for the whole run, in a thread: the manager's watchers (lingering
+        # processes, leaked GPUs) outlive the rule that started them.
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.loop_thread.start()
         self.dir = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))
         self.backend: FakeGpuBackend = eight_gpu_backend()
         self.backend.add_process(FOREIGN_GPU, 424242, 3 * GIB)
         self.first_port = free_run(40)
         self.manager = self.new_manager()
         self.model: dict[str, Reservation] = {}
+        # Stopped replicas whose processes still run: by PID, what they still hold.
+        self.lingering: dict[int, Reservation] = {}
+        self.sleepers: dict[int, subprocess.Popen[bytes]] = {}
         self.ordinals: Counter[str] = Counter()
         self.exited_pid = exited_pid()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def new_manager(self) -> ResourceManager:
         inventory = Inventory(gpus=tuple(self.backend.devices()), cpus=CPUS, memory_bytes=MEMORY)
@@ -90,13 +112,21 @@ class Allocation(RuleBasedStateMachine):
             working_dir=self.dir,
             port_range=(self.first_port, self.first_port + 39),
             gpu_backend=self.backend,
-            release_timeout_s=5.0,
+            release_timeout_s=RELEASE_TIMEOUT_S,
             release_poll_s=0.005,
+            leak_poll_s=0.01,
         )
         manager.refresh(our_pids=set())  # sees the foreign process, as the core does
         return manager
 
     def teardown(self) -> None:
+        for proc in self.sleepers.values():
+            proc.kill()
+            proc.wait()
+        self.run(self.manager.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop_thread.join(10)
+        self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ model
@@ -107,7 +137,7 @@ class Allocation(RuleBasedStateMachine):
 
     def fits(self, request: ResourceRequest) -> bool:
         """Whether the model says the request fits (ports aside: the OS decides those)."""
-        held = list(self.model.values())
+        held = [*self.model.values(), *self.lingering.values()]
         uuids = [g.uuid for g in self.manager.inventory.gpus]
         usable = [u for i, u in enumerate(uuids) if i != FOREIGN_GPU]
         whole = {u for r in held if not r.gpu_fraction for u in r.gpus}
@@ -214,7 +244,7 @@ class Allocation(RuleBasedStateMachine):
     @rule(replica_id=consumes(replicas))
     def scale_down(self, replica_id: str) -> None:
         # The replica's process has exited; NVML never listed it.
-        result = asyncio.run(self.manager.release(replica_id, {self.exited_pid}))
+        result = self.run(self.manager.release(replica_id, {self.exited_pid}))
         assert (result.processes_gone, result.leaked_gpus) == (True, ())
         del self.model[replica_id]
 
@@ -239,16 +269,50 @@ class Allocation(RuleBasedStateMachine):
             return await release
 
         event("crash: NVML listed the PID" if gpus else "crash: no GPU")
-        result = asyncio.run(release_after_kill())
+        result = self.run(release_after_kill())
         assert (result.processes_gone, result.leaked_gpus) == (True, ())
         del self.model[replica_id]
+
+    @rule(target=stuck, replica_id=consumes(replicas))
+    def stop_but_its_processes_survive(self, replica_id: str) -> object:
+        # Stuck in the driver, say: SIGKILL did not end it within the release timeout.
+        proc = subprocess.Popen(["sleep", "120"])
+        self.sleepers[proc.pid] = proc
+        self.manager.release_timeout_s = STUCK_TIMEOUT_S
+        try:
+            result = self.run(self.manager.release(replica_id, {proc.pid}))
+        finally:
+            self.manager.release_timeout_s = RELEASE_TIMEOUT_S
+        assert (result.processes_gone, result.leaked_gpus) == (False, ())
+        assert self.manager.reservation(replica_id) is None
+        self.lingering[proc.pid] = self.model.pop(replica_id)
+        event("stuck: lingering")
+        return proc.pid
+
+    @rule(pid=consumes(stuck))
+    def stuck_processes_exit(self, pid: int) -> None:
+        proc = self.sleepers.pop(pid)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(pid in g["pids"] for g in self.manager.machine_view()["lingering"]):
+            assert time.monotonic() < deadline, f"{pid} exited but its resources stay held"
+            time.sleep(0.01)
+        del self.lingering[pid]
 
     @rule()
     def restart_connector(self) -> None:
         saved = [json.dumps(r.to_dict()) for r in self.manager.reservations()]
+        after_stop = json.dumps(self.manager.held_after_stop())
+        self.run(self.manager.close())
         self.manager = self.new_manager()
         for text in saved:
             self.manager.adopt_dict(json.loads(text))
+
+        async def restore() -> list[str]:
+            return self.manager.restore_held_after_stop(json.loads(after_stop))
+
+        assert self.run(restore()) == []
 
     # ------------------------------------------------------------- invariants
 
@@ -256,9 +320,20 @@ class Allocation(RuleBasedStateMachine):
     def held_is_exactly_the_live_replicas(self) -> None:
         assert {r.replica_id: r for r in self.manager.reservations()} == self.model
 
+    def lingering_holds(self) -> list[Reservation]:
+        view = self.manager.machine_view()
+        return [Reservation.from_dict(g["reservation"]) for g in view["lingering"]]
+
+    @invariant()
+    def surviving_processes_keep_what_their_replica_held(self) -> None:
+        by_pid = {g["pids"][0]: g for g in self.manager.machine_view()["lingering"]}
+        assert sorted(by_pid) == sorted(self.lingering)
+        for pid, r in self.lingering.items():
+            assert Reservation.from_dict(by_pid[pid]["reservation"]) == r
+
     @invariant()
     def never_over_allocated(self) -> None:
-        held = self.manager.reservations()
+        held = [*self.manager.reservations(), *self.lingering_holds()]
         whole = [u for r in held if not r.gpu_fraction for u in r.gpus]
         assert len(whole) == len(set(whole)), "a whole GPU handed out twice"
         for uuid in {u for r in held for u in r.gpus}:
@@ -284,12 +359,15 @@ class Allocation(RuleBasedStateMachine):
         view = self.manager.machine_view()
         owners = {g["uuid"]: sorted(g["owners"]) for g in view["gpus"]}
         for g in self.manager.inventory.gpus:
-            expected = sorted(r.replica_id for r in self.model.values() if g.uuid in r.gpus)
+            expected = sorted(
+                [r.replica_id for r in self.model.values() if g.uuid in r.gpus]
+                + [r.replica_id + STUCK_HOLDER for r in self.lingering.values() if g.uuid in r.gpus]
+            )
             assert owners[g.uuid] == expected
         blocked = {g["uuid"] for g in view["gpus"] if g["blocked_by_foreign"]}
         assert view["free_gpus"] == sum(1 for u, v in owners.items() if not v and u not in blocked)
         assert view["cpu"]["reserved_cores"] == pytest.approx(
-            sum(r.cpu_cores for r in self.model.values())
+            sum(r.cpu_cores for r in [*self.model.values(), *self.lingering.values()])
         )
 
 
