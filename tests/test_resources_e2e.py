@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import psutil
 import pytest
 
+from connector.api.schemas import MACHINE_RESOURCES, NAMED
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest, RestartPolicy
 from connector.nvml import open_gpu_backend
@@ -59,6 +61,12 @@ HALF = svc(
     max_replicas=4,
     resources=ResourceRequest(gpu=0.5),
 )
+
+
+def conforms(machine: dict[str, Any]) -> None:
+    """``machine`` is what the API documents for GET /v1/resources (its OpenAPI schema)."""
+    document = {**MACHINE_RESOURCES, "components": {"schemas": NAMED}}
+    jsonschema_rs.Draft202012Validator(document).validate(machine)
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -117,7 +125,9 @@ async def test_a_gpu_replica_gets_the_uuid_and_a_second_is_refused_before_spawni
         assert replica_ids(conn, "Decode") == ["Decode/1"]
         (refused,) = kinds(conn, "allocate", "Decode")
         assert (refused.outcome, refused.details["started"]) == ("refused", [])
-        (gpu,) = (await conn.get_machine_resources())["gpus"]
+        machine = await conn.get_machine_resources()
+        conforms(machine)
+        (gpu,) = machine["gpus"]
         assert (gpu["state"], gpu["owners"], gpu["fraction_used"]) == (
             "allocated",
             ["Decode/1"],
@@ -277,6 +287,7 @@ async def test_a_restarted_connector_keeps_holding_what_a_stopped_replica_still_
                 f"Decode replica 1 needs 1 GPU, 0 free; GPU-3916acbf… held by {holder}"
             )
             machine = await conn.get_machine_resources()
+            conforms(machine)
             assert [entry["pids"] for entry in machine["lingering"]] == [[stuck.pid]]
             persisted = json.loads((wd / "state.json").read_text())["held_after_stop"]
             assert [entry["pids"] for entry in persisted] == [[stuck.pid]]

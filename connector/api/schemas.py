@@ -277,9 +277,77 @@ PREFILL_QUEUE: Schema = {
     "description": "prefill queue depth and rates (keys documented in docs/metrics.md)",
 }
 
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_BY_REPLICA: Schema = {"type": "object", "additionalProperties": {"type": "object"}}
+
+_GPU_PROPERTIES: Schema = {
+    "index": _COUNT,
+    "uuid": {"type": "string"},
+    "name": {"type": "string"},
+    "state": {"type": "string", "enum": ["free", "allocated", "leaked"]},
+    "owners": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "replica ids; a stopped replica whose processes still run is named "
+        "'Decode/1 (stopped; processes still running)'",
+    },
+    "fraction_used": {"type": "number", "minimum": 0, "maximum": 1},
+    "memory_total_bytes": _COUNT,
+    "memory_used_bytes": {**_COUNT, "description": "as of the last NVML reading, if any"},
+    "foreign_memory_bytes": {**_COUNT, "description": "used by processes not ours"},
+    "blocked_by_foreign": {"type": "boolean"},
+    "mig_mode": {"type": ["boolean", "null"]},
+}
+
+GPU_ALLOCATION: Schema = {
+    "type": "object",
+    "required": [k for k in _GPU_PROPERTIES if k != "memory_used_bytes"],
+    "properties": _GPU_PROPERTIES,
+}
+
+_MACHINE_PROPERTIES: Schema = {
+    "gpus": {"type": "array", "items": ref("GpuAllocation")},
+    "free_gpus": _COUNT,
+    "gpu_backend": {"type": "string", "description": "'ok', or why there is no GPU"},
+    "cpu": {
+        "type": "object",
+        "required": ["allocatable_cores", "reserved_cores", "pinned"],
+        "properties": {
+            "allocatable_cores": {"type": "number", "minimum": 0},
+            "reserved_cores": {"type": "number", "minimum": 0},
+            "pinned": {"type": "array", "items": _COUNT},
+        },
+    },
+    "memory": {
+        "type": "object",
+        "required": ["allocatable_bytes", "reserved_bytes"],
+        "properties": {"allocatable_bytes": _COUNT, "reserved_bytes": _COUNT},
+    },
+    "ports": {**_BY_REPLICA, "description": "replica -> {port name: port}"},
+    "sockets": {**_BY_REPLICA, "description": "replica -> {socket name: path}"},
+    "port_range": {"type": "array", "items": _COUNT, "minItems": 2, "maxItems": 2},
+    "lingering": {
+        "type": "array",
+        "description": "stopped replicas whose processes outlived their release, with what "
+        "they still hold",
+        "items": {
+            "type": "object",
+            "required": ["replica", "pids", "reservation"],
+            "properties": {
+                "replica": {"type": "string"},
+                "pids": {"type": "array", "items": _COUNT},
+                "reservation": {"type": "object"},
+            },
+        },
+    },
+}
+
 MACHINE_RESOURCES: Schema = {
     "type": "object",
-    "description": "GPUs with their allocation, CPU and memory budgets",
+    "description": "who holds each GPU, the CPU and memory budgets, ports and sockets per "
+    "replica, and what stopped replicas still hold",
+    "required": list(_MACHINE_PROPERTIES),
+    "properties": _MACHINE_PROPERTIES,
 }
 
 HEALTH: Schema = {
@@ -336,6 +404,7 @@ NAMED: dict[str, Schema] = {
     "Topology": TOPOLOGY,
     "PrefillQueue": PREFILL_QUEUE,
     "MachineResources": MACHINE_RESOURCES,
+    "GpuAllocation": GPU_ALLOCATION,
     "Health": HEALTH,
     "Check": CHECK,
     "Readiness": READINESS,
