@@ -63,7 +63,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from connector import quantities
+from connector import quantities, templates
 from connector.errors import GraphError
 from connector.graph import (
     Graph,
@@ -92,7 +92,6 @@ _GRAPH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ALLOCATION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # ports and sockets
 _DYNAMO_NAME = re.compile(r"[A-Za-z0-9_-]+")  # discovery components and endpoints
-_TEMPLATE = re.compile(r"\{(port|socket)\.([^{}]*)\}")
 _MODULE_REF = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 PYTHON_PLACEHOLDER = "{python}"
 
@@ -586,17 +585,16 @@ def _check_templates(
     *,
     service: str | None = None,
 ) -> None:
-    for match in _TEMPLATE.finditer(text):
-        kind, name = match.groups()
+    for template, kind in templates.undeclared(text, allocated):
+        if kind == "gpu":
+            r.fail(path, f"{template} is not a GPU field ({_choices(templates.GPU_FIELDS)})")
         declared = allocated[kind]
-        if name not in declared:
-            listed = _choices(declared) if declared else "none"
-            owner = f" of service {service}" if service else ""
-            r.fail(
-                path,
-                f"{match.group(0)} names no declared {kind}{owner} "
-                f"(local.{kind}s declares: {listed})",
-            )
+        listed = _choices(declared) if declared else "none"
+        owner = f" of service {service}" if service else ""
+        r.fail(
+            path,
+            f"{template} names no declared {kind}{owner} (local.{kind}s declares: {listed})",
+        )
 
 
 def _resources(r: _Reader, raw: object, path: str) -> ResourceRequest:

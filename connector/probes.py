@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
+from connector import templates
 from connector.graph import Readiness, ReadinessKind
-
-_TEMPLATE = re.compile(r"\{(port|socket)\.([A-Za-z0-9_-]+)\}")
-
-
-def expand_templates(text: str, ports: dict[str, int], sockets: dict[str, str]) -> str:
-    """Replace ``{port.NAME}`` and ``{socket.NAME}`` with the replica's allocation."""
-
-    def sub(m: re.Match[str]) -> str:
-        kind, name = m.groups()
-        table: dict[str, int] | dict[str, str] = ports if kind == "port" else sockets
-        if name not in table:
-            raise KeyError(f"{{{kind}.{name}}} is not allocated to this replica")
-        return str(table[name])
-
-    return _TEMPLATE.sub(sub, text)
 
 
 @dataclass
@@ -42,6 +27,7 @@ class ProbeTarget:
     ports: dict[str, int] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=dict)
     alive: Callable[[], bool] = lambda: True
+    gpu: dict[str, str] | None = None  # {gpu.*} template values; None: holds no GPU
 
 
 DiscoveryProbe = Callable[[ProbeTarget, Readiness, float], Awaitable[bool]]
@@ -101,7 +87,9 @@ async def wait_ready(
             return True, ""
         return False, "not registered in discovery before the readiness timeout"
 
-    url = expand_templates(readiness.url or "", target.ports, target.sockets)
+    url = templates.expand(
+        readiness.url or "", templates.values_of(target.ports, target.sockets, target.gpu)
+    )
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if not target.alive():

@@ -108,8 +108,12 @@ def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
 def identify(pids: Collection[int]) -> dict[int, float]:
     """The running ones of ``pids`` with their start times, so that a later check can tell
     them from unrelated processes that got a recycled PID."""
-    found = {pid: create_time_of(pid) for pid in pids}
-    return {pid: created for pid, created in found.items() if created is not None}
+    found: dict[int, float] = {}
+    for pid in pids:
+        created = create_time_of(pid)
+        if created is not None and same_process(pid, created):  # zombies are gone already
+            found[pid] = created
+    return found
 
 
 def running(identities: Mapping[int, float]) -> set[int]:

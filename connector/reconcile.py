@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from connector import procs
+from connector import procs, templates
 from connector.errors import (
     ComponentNotFound,
     ConnectorError,
@@ -44,7 +44,7 @@ from connector.logs import (
     read_replica_lines,
 )
 from connector.operations import ScaleOp, standalone_step
-from connector.probes import DiscoveryProbe, ProbeTarget, expand_templates, wait_ready
+from connector.probes import DiscoveryProbe, ProbeTarget, wait_ready
 from connector.state import ComponentRecord, ConnectorState, ExitRecord, ReplicaRecord, StateStore
 from connector.supervisor import CircusChannel, CircusCommandError
 
@@ -57,6 +57,8 @@ class ReservationLike(Protocol):
     cpus: tuple[int, ...]
 
     def env(self) -> dict[str, str]: ...
+
+    def gpu_fields(self) -> dict[str, str]: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -368,11 +370,16 @@ class Reconciler:
         )
         if reservation is not None:
             env.update(reservation.env())
-        ports = reservation.ports if reservation else {}
-        sockets = reservation.sockets if reservation else {}
+        values = self._template_values(reservation)
         for key, value in svc.envs:
-            env[key] = expand_templates(value, ports, sockets)
+            env[key] = templates.expand(value, values)
         return env
+
+    @staticmethod
+    def _template_values(reservation: ReservationLike | None) -> templates.Values:
+        if reservation is None:
+            return templates.values_of({}, {})
+        return templates.values_of(reservation.ports, reservation.sockets, reservation.gpu_fields())
 
     def _reservation(self, rec: ReplicaRecord) -> ReservationLike | None:
         if rec.reservation is None:
@@ -408,9 +415,8 @@ class Reconciler:
     async def _circus_start(self, rec: ReplicaRecord, restart: bool) -> int:
         svc = self.graph.services[rec.component]
         reservation = self._reservation(rec)
-        ports = reservation.ports if reservation else {}
-        sockets = reservation.sockets if reservation else {}
-        argv = [expand_templates(a, ports, sockets) for a in (*svc.command, *svc.args)]
+        values = self._template_values(reservation)
+        argv = [templates.expand(a, values) for a in (*svc.command, *svc.args)]
         prefix = launcher_prefix(reservation.cpus if reservation else ())
         argv = prefix + argv
         started = False
@@ -837,6 +843,7 @@ class Reconciler:
             ports=dict(reservation.ports) if reservation else {},
             sockets=dict(reservation.sockets) if reservation else {},
             alive=lambda: rec.pid == pid and procs.same_process(pid, rec.create_time),
+            gpu=reservation.gpu_fields() if reservation else None,
         )
 
     async def _resume_probe(self, rec: ReplicaRecord) -> None:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from connector import defaults, procs
+from connector import defaults, procs, templates
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend, GpuDevice, GpuSample, open_gpu_backend
@@ -93,6 +93,10 @@ class Reservation:
             sockets={str(k): str(v) for k, v in dict(d.get("sockets", {})).items()},
             env_names={str(k): str(v) for k, v in dict(d.get("env_names", {})).items()},
         )
+
+    def gpu_fields(self) -> dict[str, str]:
+        """The ``{gpu.count}``, ``{gpu.fraction}`` and ``{gpu.uuids}`` template values."""
+        return templates.gpu_fields(self.gpus, self.gpu_fraction)
 
     def env(self) -> dict[str, str]:
         """What the replica's process is told about its allocation.

@@ -376,6 +376,12 @@ INVALID: list[tuple[str, object, str]] = [
         "no declared socket (local.sockets declares: none)",
     ),
     (
+        f"{D}.extraPodSpec.mainContainer.args",
+        ["--tensor-parallel-size", "{gpu.size}"],
+        "graph.yaml: spec.services.Decode.extraPodSpec.mainContainer.args[1]: {gpu.size} is "
+        "not a GPU field (count, fraction, uuids)",
+    ),
+    (
         f"{D}.envs",
         [{"name": "URL", "value": "http://h:{port.metrics}"}],
         "graph.yaml: spec.services.Decode.envs[0].value: {port.metrics} names no declared port "

@@ -891,10 +891,31 @@ async def test_a_real_process_binds_its_socket_and_release_removes_it(short_dir:
 # --------------------------------------------------------------------------- release and leaks
 
 
+_ZOMBIES: list[subprocess.Popen[bytes]] = []
+
+
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+    """The PID of a process that has exited. It is left unreaped (a zombie, which counts as
+    gone), so the kernel cannot hand the PID to another process while a test uses it."""
+    proc = subprocess.Popen(["true"])
+    _ZOMBIES.append(proc)
+    deadline = time.monotonic() + 10
+    while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.005)
     return proc.pid
+
+
+def reap_zombies() -> None:
+    """Reap what :func:`dead_pid` left (once no test uses those PIDs any more)."""
+    while _ZOMBIES:
+        _ZOMBIES.pop().wait()
+
+
+@pytest.fixture(autouse=True)
+def _reap_after_each_test() -> Iterator[None]:
+    yield
+    reap_zombies()
 
 
 async def test_release_waits_for_nvml_to_drop_the_pid(tmp_path: Path) -> None:

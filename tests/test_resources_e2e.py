@@ -145,6 +145,31 @@ async def test_a_gpu_replica_gets_the_uuid_and_a_second_is_refused_before_spawni
         assert replica_ids(conn, "Decode") == ["Decode/2"]
 
 
+async def test_gpu_templates_reach_the_command_and_the_env(tmp_path: Path, idle_h100: str) -> None:
+    # Two GPUs (the idle capture twice): a tensor-parallel replica names its GPU count.
+    two = f"{idle_h100},{idle_h100.removeprefix('fake:')}"
+    tp = svc(
+        "Tp",
+        (
+            *python_cmd("import time; time.sleep(300)"),
+            *("--tensor-parallel-size", "{gpu.count}", "--gpus", "{gpu.uuids}"),
+        ),
+        max_replicas=1,
+        resources=ResourceRequest(gpu=2),
+        envs=(("MEM_UTIL", "{gpu.fraction}"),),
+    )
+    async with running(make_graph(tp, HALF), tmp_path / "wd", gpu_backend=two) as conn:
+        assert await conn.scale_component("Tp", 1, timeout_s=30) is True
+        (rec,) = conn.state.replicas_of("Tp")
+        assert rec.pid is not None and rec.reservation is not None
+        uuids = ",".join(rec.reservation["gpus"])
+        assert len(rec.reservation["gpus"]) == 2
+        assert psutil.Process(rec.pid).cmdline()[-4:] == [
+            "--tensor-parallel-size", "2", "--gpus", uuids,
+        ]  # fmt: skip
+        assert environ(rec.pid)["MEM_UTIL"] == "1"
+
+
 async def test_half_gpu_replicas_share_one_gpu_and_a_third_is_refused(
     tmp_path: Path, idle_h100: str
 ) -> None:

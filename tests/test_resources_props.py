@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import math
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,7 +45,7 @@ from connector.resources import (
     ResourceManager,
 )
 from tests.nvml_fakes import capture_path, eight_gpu_backend
-from tests.test_resources import free_run
+from tests.test_resources import dead_pid, free_run, reap_zombies
 
 GIB = 1 << 30
 CPUS = tuple(range(8))
@@ -100,7 +98,7 @@ class Allocation(RuleBasedStateMachine):
         self.lingering: dict[int, Reservation] = {}
         self.sleepers: dict[int, subprocess.Popen[bytes]] = {}
         self.ordinals: Counter[str] = Counter()
-        self.exited_pid = exited_pid()
+        self.exited_pid = dead_pid()  # one exited process per run, its PID kept from reuse
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
@@ -127,6 +125,7 @@ class Allocation(RuleBasedStateMachine):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(10)
         self.loop.close()
+        reap_zombies()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ model
@@ -369,14 +368,6 @@ class Allocation(RuleBasedStateMachine):
         assert view["cpu"]["reserved_cores"] == pytest.approx(
             sum(r.cpu_cores for r in [*self.model.values(), *self.lingering.values()])
         )
-
-
-@functools.cache
-def exited_pid() -> int:
-    """A PID whose process has exited (one per session: spawning costs ~20 ms)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.fixture(autouse=True)
