@@ -146,6 +146,16 @@ def discovery_stats(connector: LocalConnector) -> dict[str, Any]:
     return interop.bridge.stats()
 
 
+def planner_status(connector: LocalConnector) -> dict[str, Any]:
+    """The Planner executor's status (``VirtualConnectorExecutor.status``), as the exporter
+    reads it; ``{}`` while no executor runs (not configured, not started yet, or closed)."""
+    interop = interop_of(connector)
+    executor = interop.executor if interop is not None else None
+    if executor is None or not executor.running:
+        return {}
+    return executor.status()
+
+
 async def system_topology(connector: LocalConnector) -> dict[str, Any]:
     """Graph, replicas, discovery instances and observed links, joined."""
     interop = interop_of(connector)

@@ -553,6 +553,13 @@ class LocalConnector(PlannerConnectorMixin):
 
         return discovery_stats(self)
 
+    def planner_status(self) -> dict[str, Any]:
+        """The Planner executor's decision seen, acknowledged and being applied (no I/O);
+        ``{}`` when no executor runs."""
+        from connector.interop import planner_status
+
+        return planner_status(self)
+
     async def get_system_topology(self) -> dict[str, Any]:
         self._live()
         from connector.interop import system_topology

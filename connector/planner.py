@@ -22,6 +22,11 @@ what could not be met is recorded as a ``decision`` event with outcome ``partial
 Decisions that arrive while one is being applied are coalesced: when the current one is
 done, the executor reads the keys again and applies only the newest. Two are never applied
 at the same time.
+
+What it has seen and what it has acknowledged are in :meth:`VirtualConnectorExecutor.status`
+(``decision_id``, ``decision_seen_at``, ``acknowledged``), which the exporter publishes as
+``dynamo_local_planner_decision_*``: a seen id above the acknowledged one is a Planner
+waiting on us.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from connector.graph import Graph, Service, SubComponentType
 __all__ = [
     "DecisionOutcome",
     "PlannerDecision",
+    "SeenDecision",
     "SubComponentType",
     "TargetReplica",
     "VirtualConnectorExecutor",
@@ -181,6 +187,15 @@ class PlannerDecision:
     errors: tuple[str, ...] = ()  # keys whose value is not a decimal integer
 
 
+@dataclass(frozen=True)
+class SeenDecision:
+    """The Planner's newest ``decision_id`` as the executor last saw it in etcd."""
+
+    decision_id: int
+    create_revision: int  # of the decision_id key: which Planner wrote it
+    seen_at: float  # Unix time the executor first saw this id from this Planner
+
+
 ApplyFn = Callable[[int | None, int | None, int], Awaitable[DecisionOutcome]]
 
 
@@ -283,6 +298,7 @@ class VirtualConnectorExecutor:
         lease_ttl_s: int = 10,
         rpc_timeout_s: float = 2.0,
         retry_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.etcd_url = etcd_url
         self.namespace = namespace
@@ -302,6 +318,11 @@ class VirtualConnectorExecutor:
         self.last_outcome: DecisionOutcome | None = None
         self.last_decision: PlannerDecision | None = None
         self.applying: int | None = None
+        # The decision key as last seen (watch event or listing), and the etcd revision of
+        # that observation: replies can arrive out of order, an older one never wins.
+        self.seen: SeenDecision | None = None
+        self._seen_revision = 0
+        self._clock = clock
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -351,13 +372,38 @@ class VirtualConnectorExecutor:
                 await self._client.close()
             self._client = None
 
+    @property
+    def running(self) -> bool:
+        """Started and not closed."""
+        return bool(self._tasks)
+
+    @property
+    def acknowledged(self) -> int | None:
+        """The newest decision id acknowledged to the Planner whose ``decision_id`` key is in
+        etcd now (``None``: none yet; an id acknowledged to a Planner that has since been
+        replaced does not count for the new one)."""
+        handled, seen = self._handled, self.seen
+        if handled is None:
+            return None
+        if seen is not None and seen.create_revision != handled[0]:
+            return None
+        return handled[1]
+
     def status(self) -> dict[str, Any]:
-        """For the API and the status page."""
+        """For the API, the status page and the exporter (``exporter.sources.parse_planner``).
+
+        ``decision_id``: the newest decision id seen in etcd (``None`` while the Planner has
+        written none, or its keys are gone); ``decision_seen_at``: the Unix time it was first
+        seen; ``acknowledged``: see :attr:`acknowledged`.
+        """
+        seen = self.seen
         out: dict[str, Any] = {
             "namespace": self.namespace,
             "prefix": self.prefix,
             "lease_id": self.lease_id,
-            "acknowledged": self._handled[1] if self._handled else None,
+            "decision_id": seen.decision_id if seen is not None else None,
+            "decision_seen_at": seen.seen_at if seen is not None else None,
+            "acknowledged": self.acknowledged,
             "applying": self.applying,
         }
         if self.last_decision is not None:
@@ -386,6 +432,7 @@ class VirtualConnectorExecutor:
         listing = await self._client.get_prefix(self.prefix.encode())
         values = {kv.key.decode(errors="replace"): kv for kv in listing}
         decision_kv = values.get(self._decision_key)
+        self._see_listing(decision_kv, listing)
         ack_kv = values.get(self.ack_key)
         ack = _parse_count(ack_kv.value if ack_kv else None, "scaled_decision_id", [])
         if ack is not None and decision_kv is not None:
@@ -401,6 +448,7 @@ class VirtualConnectorExecutor:
         listing = await self._client.get_prefix(self.prefix.encode())
         values = {kv.key.decode(errors="replace"): kv for kv in listing}
         decision_kv = values.get(self._decision_key)
+        self._see_listing(decision_kv, listing)
         if decision_kv is None:
             return None
         errors: list[str] = []
@@ -422,6 +470,35 @@ class VirtualConnectorExecutor:
             errors=tuple(errors),
         )
 
+    def _see(self, revision: int, decision_id: int | None, create_revision: int = 0) -> None:
+        """Record the decision key's state as of etcd ``revision`` (``decision_id`` ``None``:
+        no decision: the key is absent or not a decimal integer). Watch events and listings
+        may be handled out of order; an observation older than the last one is dropped."""
+        if revision < self._seen_revision:
+            return
+        self._seen_revision = revision
+        if decision_id is None:
+            self.seen = None
+            return
+        seen = self.seen
+        if seen is not None and (seen.decision_id, seen.create_revision) == (
+            decision_id,
+            create_revision,
+        ):
+            return  # the same decision written again: first seen earlier
+        self.seen = SeenDecision(decision_id, create_revision, self._clock())
+
+    def _see_kv(self, kv: Any) -> None:
+        """The decision key from a watch event's or a listing's key-value."""
+        decision_id = _parse_count(kv.value, "decision_id", [])
+        self._see(int(kv.mod_revision), decision_id, int(kv.create_revision))
+
+    def _see_listing(self, decision_kv: Any, listing: Any) -> None:
+        if decision_kv is not None:
+            self._see_kv(decision_kv)
+        else:
+            self._see(int(listing.header.revision), None)
+
     def _is_new(self, decision: PlannerDecision) -> bool:
         if self._handled is None:
             return True
@@ -439,7 +516,11 @@ class VirtualConnectorExecutor:
                     if key != self._decision_key:
                         continue
                     if event.kind == "DELETE":
+                        # A DELETE's mod revision is the revision of the deletion.
+                        self._see(int(event.kv.mod_revision), None)
                         await self._planner_gone()
+                    else:
+                        self._see_kv(event.kv)
                     self._wake.set()
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
@@ -455,7 +536,12 @@ class VirtualConnectorExecutor:
         while True:
             try:
                 listing = await self._client.get_prefix(self.prefix.encode())
-                if not any(kv.key.decode(errors="replace") == self._decision_key for kv in listing):
+                decision_kv = next(
+                    (kv for kv in listing if kv.key.decode(errors="replace") == self._decision_key),
+                    None,
+                )
+                self._see_listing(decision_kv, listing)
+                if decision_kv is None:
                     await self._planner_gone()
                 return await self._client.watch_prefix(
                     self.prefix.encode(), start_revision=int(listing.header.revision) + 1

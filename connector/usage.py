@@ -32,6 +32,9 @@ def exporter_sources(connector: LocalConnector) -> dict[str, Any]:
     stats = getattr(connector, "discovery_stats", None)
     if stats is not None and connector.options.discovery != "none":
         sources["discovery_stats"] = stats
+    planner = getattr(connector, "planner_status", None)
+    if planner is not None and connector.options.planner_executor:
+        sources["planner_status"] = planner
     return sources
 
 

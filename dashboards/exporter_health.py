@@ -82,7 +82,8 @@ def build() -> dict[str, Any]:
                 "Source up",
                 "Whether the exporter's last read of each source succeeded: circus "
                 "(connector state, process trees), nvml (GPUs), etcd (discovery), nats "
-                "(prefill queue), resources (allocation).",
+                "(prefill queue), resources (allocation), planner (the Planner executor's "
+                "decisions).",
                 [Query(metric("exporter_source_up"), "{{source}}")],
                 UP_DOWN,
                 width=24,

@@ -220,6 +220,39 @@ def build() -> dict[str, Any]:
         )
         .with_panel(
             timeseries_panel(
+                "Planner decision seen vs acknowledged",
+                "Newest decision id the Planner executor has seen in etcd against the newest "
+                "one it acknowledged (scaled_decision_id); the Planner waits while seen is "
+                "above acknowledged. The DynamoLocalPlannerDecisionNotAcknowledged alert "
+                "fires when that lasts 5 minutes. Only while an executor runs.",
+                UNIT_COUNT,
+                [
+                    Query(sel("planner_decision_id", BY_NS), "{{dynamo_namespace}} seen"),
+                    Query(
+                        sel("planner_decision_acknowledged_id", BY_NS),
+                        "{{dynamo_namespace}} acknowledged",
+                    ),
+                ],
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Since the newest decision was seen",
+                "Time since the Planner executor first saw the newest decision: how long "
+                "the Planner has waited when that decision is not acknowledged yet.",
+                UNIT_SECONDS,
+                [
+                    Query(
+                        f"time() - {sel('planner_decision_seen_timestamp_seconds', BY_NS)}",
+                        "{{dynamo_namespace}}",
+                    )
+                ],
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
                 "Prefill queue vs prefill replicas",
                 "Messages waiting in the prefill queue against ready prefill replicas.",
                 UNIT_COUNT,

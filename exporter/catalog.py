@@ -36,6 +36,7 @@ class Group(StrEnum):
     QUEUE = "prefill_queue"
     DISCOVERY = "discovery"
     SCALING = "scaling"
+    PLANNER = "planner"
     EXPORTER = "exporter"
 
 
@@ -47,6 +48,7 @@ GROUP_TITLES: dict[Group, str] = {
     Group.QUEUE: "Prefill queue (NATS JetStream)",
     Group.DISCOVERY: "Discovery (etcd or file backend)",
     Group.SCALING: "Scaling and events (event log)",
+    Group.PLANNER: "Planner decisions (virtual-connector executor)",
     Group.EXPORTER: "Exporter health",
 }
 
@@ -79,7 +81,7 @@ EVENT_KINDS = (
     "leak",
     "other",
 )
-HEALTH_SOURCES = ("circus", "nvml", "etcd", "nats", "resources")
+HEALTH_SOURCES = ("circus", "nvml", "etcd", "nats", "resources", "planner")
 GPU_ALLOCATION_STATES = ("free", "allocated", "leaked")
 # NVML clock-event ("throttle") reasons, decoded from the bit mask.
 THROTTLE_REASONS = (
@@ -402,12 +404,28 @@ CATALOG: tuple[MetricSpec, ...] = (
           "Times a replica of the component entered the crash-loop state."),
     _spec("events_total", COUNTER, "", (NS, "kind"), Group.SCALING, "dynamo_local.events",
           "Structured events the connector emitted, by kind."),
+    # --- Planner decisions (only while the virtual-connector executor runs) ------------------
+    _spec("planner_decision_id", GAUGE, "", (NS,), Group.PLANNER,
+          "dynamo_local.planner.decision.id",
+          "Newest decision id the Planner executor has seen in etcd for the namespace "
+          "(decision_id under v1/{namespace}/planner/). Absent while the Planner has written "
+          "none or its keys are gone, and when no executor runs."),
+    _spec("planner_decision_acknowledged_id", GAUGE, "", (NS,), Group.PLANNER,
+          "dynamo_local.planner.decision.acknowledged_id",
+          "Newest decision id the Planner executor acknowledged (scaled_decision_id) to the "
+          "Planner now in etcd. Absent until it acknowledged one; below "
+          "dynamo_local_planner_decision_id while a decision is being applied."),
+    _spec("planner_decision_seen_timestamp_seconds", GAUGE, "seconds", (NS,), Group.PLANNER,
+          "dynamo_local.planner.decision.seen_timestamp",
+          "Unix time the Planner executor first saw the decision in "
+          "dynamo_local_planner_decision_id."),
     # --- exporter health --------------------------------------------------------------------
     _spec("exporter_source_up", GAUGE, "", ("source",), Group.EXPORTER,
           "dynamo_local.exporter.source.up",
           "1 when the exporter's last read of the source succeeded, else 0. circus: connector "
           "state and process trees; nvml: GPUs; etcd: discovery; nats: prefill queue; "
-          "resources: allocation. Sources the exporter was not given are absent.",
+          "resources: allocation; planner: the Planner executor's decisions. Sources the "
+          "exporter was not given are absent.",
           enums={"source": HEALTH_SOURCES}),
     _spec("exporter_source_last_success_timestamp_seconds", GAUGE, "seconds", ("source",),
           Group.EXPORTER, "dynamo_local.exporter.source.last_success",

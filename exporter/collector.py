@@ -84,6 +84,7 @@ def snapshot_rows(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Row]]]:
     _gpus(f, snapshot)
     _machine(f, snapshot)
     _queue_and_discovery(f, snapshot)
+    _planner(f, snapshot)
     _health(f, snapshot)
     return f.families()
 
@@ -197,6 +198,16 @@ def _queue_and_discovery(f: Rows, snapshot: Snapshot) -> None:
         for component, count in d.instances:
             f.add(P + "discovery_instances", (*ns, component), count)
         f.add(P + "discovery_stale_reaped_total", ns, d.stale_reaped_total)
+
+
+def _planner(f: Rows, snapshot: Snapshot) -> None:
+    p = snapshot.planner
+    if p is None:
+        return  # no executor: no series (not zeros)
+    ns = (p.namespace,)
+    f.add(P + "planner_decision_id", ns, p.decision_id)
+    f.add(P + "planner_decision_acknowledged_id", ns, p.acknowledged_id)
+    f.add(P + "planner_decision_seen_timestamp_seconds", ns, p.decision_seen_at)
 
 
 def _health(f: Rows, snapshot: Snapshot) -> None:

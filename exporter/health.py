@@ -1,7 +1,8 @@
 """Per-source health of the exporter: is each source answering, and since when.
 
 Sources: ``circus`` (connector state and process trees), ``nvml`` (GPUs), ``etcd``
-(discovery), ``nats`` (prefill queue), ``resources`` (allocation). A failing source does
+(discovery), ``nats`` (prefill queue), ``resources`` (allocation), ``planner`` (the Planner
+executor's decisions). A failing source does
 not stop the others; its values are left out of the snapshot and its health says why.
 """
 

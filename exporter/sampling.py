@@ -24,9 +24,11 @@ from exporter.process_tree import ProcessTreeSampler, ReplicaProcesses, ReplicaR
 from exporter.sources import (
     DiscoveryReading,
     MachineAllocation,
+    PlannerReading,
     QueueReading,
     parse_discovery,
     parse_machine_view,
+    parse_planner,
     parse_queue,
 )
 
@@ -73,6 +75,7 @@ class Snapshot:
     machine: MachineAllocation | None
     queue: QueueReading | None
     discovery: DiscoveryReading | None
+    planner: PlannerReading | None  # None: no executor runs (or its read failed)
     health: tuple[SourceHealth, ...]
     collection_cpu_seconds_total: float
 
@@ -95,6 +98,7 @@ class Sampler:
         machine_view: SourceFn | None = None,
         queue_reader: SourceFn | None = None,
         discovery_stats: SourceFn | None = None,
+        planner_status: SourceFn | None = None,
         interval_s: float = 1.0,
         source_timeout_s: float | None = None,
         processes: ProcessTreeSampler | None = None,
@@ -115,6 +119,7 @@ class Sampler:
                 ("resources", machine_view, parse_machine_view),
                 ("nats", queue_reader, parse_queue),
                 ("etcd", discovery_stats, parse_discovery),
+                ("planner", planner_status, parse_planner),
             )
             if fn is not None
         ]
@@ -179,6 +184,7 @@ class Sampler:
             machine=readings.get("resources"),
             queue=readings.get("nats"),
             discovery=readings.get("etcd"),
+            planner=readings.get("planner"),
             health=self.health.snapshot(),
             collection_cpu_seconds_total=self._cpu_total,
         )

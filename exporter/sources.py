@@ -1,9 +1,9 @@
 """Readings from the optional sources other parts of the connector provide as plain dicts.
 
-The exporter does not import the resource manager, the discovery layer or the queue reader;
-it is handed callables that return dicts, and parses them here into typed, immutable
-readings. A dict of the wrong shape is a failed read with a message naming the key, never a
-silently wrong number.
+The exporter does not import the resource manager, the discovery layer, the queue reader or
+the Planner executor; it is handed callables that return dicts, and parses them here into
+typed, immutable readings. A dict of the wrong shape is a failed read with a message naming
+the key, never a silently wrong number.
 
 The shapes are in :data:`SOURCE_SHAPES` (also printed in ``docs/metrics.md``).
 """
@@ -34,6 +34,13 @@ SOURCE_SHAPES = """\
 
 # discovery stats (health source "etcd")
 {"instances": {"<component>": int, ...}, "stale_reaped_total": int}   # both optional
+
+# Planner executor status (health source "planner"): {} while no executor runs (no series);
+# keys not listed are ignored
+{"namespace": str,                  # the Dynamo namespace whose v1/{ns}/planner/ it watches
+ "decision_id": int | None,         # newest decision id seen in etcd; None: no decision
+ "decision_seen_at": float | None,  # Unix time it was first seen; required with decision_id
+ "acknowledged": int | None}        # newest id acknowledged to that Planner; None: none yet
 """
 
 
@@ -75,6 +82,14 @@ class QueueReading:
 class DiscoveryReading:
     instances: tuple[tuple[str, int], ...]  # (component, count), sorted by component
     stale_reaped_total: int | None
+
+
+@dataclass(frozen=True)
+class PlannerReading:
+    namespace: str  # Dynamo namespace
+    decision_id: int | None  # newest decision id the executor has seen
+    decision_seen_at: float | None  # Unix time it first saw it
+    acknowledged_id: int | None  # newest id it acknowledged
 
 
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
@@ -174,3 +189,28 @@ def parse_discovery(value: Any) -> DiscoveryReading:
         if count is not None:
             counts.append((str(component), count))
     return DiscoveryReading(tuple(counts), _count(data, "stale_reaped_total", what))
+
+
+def parse_planner(value: Any) -> PlannerReading | None:
+    """The executor's status; ``None`` (no series) for ``{}``, which means no executor runs."""
+    what = "Planner executor status"
+    data = _mapping(value, what)
+    if not data:
+        return None
+    namespace = data.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        raise SourceFormatError(
+            f"{what}: 'namespace' must be a non-empty string, got {namespace!r}"
+        )
+    decision_id = _count(data, "decision_id", what)
+    seen_at = _number(data, "decision_seen_at", what)
+    if decision_id is not None and seen_at is None:
+        raise SourceFormatError(
+            f"{what}: 'decision_seen_at' is missing for decision_id {decision_id}"
+        )
+    return PlannerReading(
+        namespace=namespace,
+        decision_id=decision_id,
+        decision_seen_at=seen_at if decision_id is not None else None,
+        acknowledged_id=_count(data, "acknowledged", what),
+    )

@@ -256,7 +256,7 @@ def _first_panel(data: dict[str, Any]) -> dict[str, Any]:
         (
             'dynamo_local_exporter_source_up{source="redis"}',
             "dynamo_local_exporter_source_up: source='redis' is not one of "
-            "circus, nvml, etcd, nats, resources",
+            "circus, nvml, etcd, nats, resources, planner",
         ),
         (
             'dynamo_local_gpu_power_watts{dynamo_component="x"}',

@@ -152,6 +152,14 @@ async def _fake_scene() -> tuple[Exporter, FakeReader]:
         },
         queue_reader=queue,
         discovery_stats=lambda: {"instances": {"decode": 1, "prefill": 1}, "stale_reaped_total": 2},
+        # Decision 5 seen 40 s before the snapshot, still being applied; 4 acknowledged.
+        planner_status=lambda: {
+            "namespace": "demo",
+            "decision_id": 5,
+            "decision_seen_at": clock.now - 40.0,
+            "acknowledged": 4,
+            "applying": 5,
+        },
         interval_s=3600.0,
         processes=ProcessTreeSampler(table, clock=clock),
         clock=clock,
@@ -181,6 +189,10 @@ async def test_golden_exposition_from_the_nvml_fake_and_a_fake_process_table() -
     assert values[key(P + "replica_cpu_utilization_ratio", **decode0)] == 1.0 / 2.0 / 8
     assert values[key(P + "gpu_memory_total_bytes", gpu=H100)] == 85520809984
     assert values[P + "exporter_snapshot_age_seconds"] == 0.25
+    assert values[key(P + "planner_decision_id", dynamo_namespace="demo")] == 5
+    assert values[key(P + "planner_decision_acknowledged_id", dynamo_namespace="demo")] == 4
+    seen = key(P + "planner_decision_seen_timestamp_seconds", dynamo_namespace="demo")
+    assert values[seen] == values[P + "exporter_snapshot_timestamp_seconds"] - 40.0
     assert f'trace_id="{TRACE_UP}"' in om
 
 

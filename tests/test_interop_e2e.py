@@ -29,6 +29,10 @@ from connector.graph import (
     SubComponentType,
 )
 from connector.local import ConnectorOptions, LocalConnector
+from connector.usage import exporter_sources
+from exporter.exposition import Format
+from exporter.service import Exporter, build_exporter
+from tests.exporter_helpers import samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -104,6 +108,39 @@ async def _keys(client: Any, prefix: str) -> list[str]:
     return sorted(kv.key.decode() for kv in got)
 
 
+async def _planner_gauges(exporter: Exporter) -> dict[str, float]:
+    """The Planner gauges (and the planner source's health) of a fresh snapshot."""
+    await exporter.sample_once()
+    values = samples(exporter.exposition.render(Format.TEXT))
+    return {
+        series: value
+        for series, value in values.items()
+        if series.startswith("dynamo_local_planner_") or series.endswith('{source="planner"}')
+    }
+
+
+def _expected(
+    decision: int | None, acknowledged: int | None, seen_at: float | None
+) -> dict[str, float]:
+    """The planner source's series: absent values are absent series, never zeros."""
+    ns = f'{{dynamo_namespace="{NS}"}}'
+    out: dict[str, float] = {
+        'dynamo_local_exporter_source_up{source="planner"}': 1.0,
+        'dynamo_local_exporter_source_errors_total{source="planner"}': 0.0,
+    }
+    if decision is not None:
+        out[f"dynamo_local_planner_decision_id{ns}"] = decision
+    if acknowledged is not None:
+        out[f"dynamo_local_planner_decision_acknowledged_id{ns}"] = acknowledged
+    if seen_at is not None:
+        out[f"dynamo_local_planner_decision_seen_timestamp_seconds{ns}"] = seen_at
+    return out
+
+
+def _without_timing(gauges: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in gauges.items() if "last_success" not in k and "duration" not in k}
+
+
 async def test_planner_decision_scales_the_graph_and_is_acknowledged(
     tmp_path: Path, etcd_server: Any, etcd: Any
 ) -> None:
@@ -113,6 +150,14 @@ async def test_planner_decision_scales_the_graph_and_is_acknowledged(
     planner = Planner(etcd)
     await planner.start()
     async with LocalConnector("e2e", _graph(), tmp_path, options) as conn:
+        # The exporter as `dynamo-local up` builds it reads the executor's status.
+        sources = exporter_sources(conn)
+        assert sources["planner_status"] == conn.planner_status
+        exporter = build_exporter(conn, **sources, interval_s=3600.0)
+        await exporter.start()
+        # The executor runs; the Planner has decided nothing yet: no series, no zeros.
+        assert _without_timing(await _planner_gauges(exporter)) == _expected(None, None, None)
+        before = time.time()
         await planner.decide(1, prefill=2, decode=1)
         deadline = time.monotonic() + 60
         while True:
@@ -121,6 +166,10 @@ async def test_planner_decision_scales_the_graph_and_is_acknowledged(
                 break
             assert time.monotonic() < deadline, "decision 1 was not acknowledged"
             await asyncio.sleep(0.05)
+        after = time.time()
+        seen_at = conn.planner_status()["decision_seen_at"]
+        assert before <= seen_at <= after
+        assert _without_timing(await _planner_gauges(exporter)) == _expected(1, 1, seen_at)
         assert await conn.get_component_replicas("Prefill") == 2
         assert await conn.get_component_replicas("Decode") == 1
         prefill, decode, stable = await conn.get_actual_worker_counts()
@@ -141,6 +190,11 @@ async def test_planner_decision_scales_the_graph_and_is_acknowledged(
             await asyncio.sleep(0.05)
         assert await conn.get_component_replicas("Decode") == 0
         assert [k for k in await _keys(etcd, f"v1/instances/{NS}/backend/")] == []
+        seen_at_2 = conn.planner_status()["decision_seen_at"]
+        assert seen_at < seen_at_2 <= time.time()
+        assert _without_timing(await _planner_gauges(exporter)) == _expected(2, 2, seen_at_2)
+        await exporter.stop()
+    assert conn.planner_status() == {}  # the executor is closed with the connector
     await planner.stop()
 
 
@@ -149,6 +203,9 @@ async def test_sigkilled_replica_leaves_discovery_at_once(
 ) -> None:
     options = ConnectorOptions(discovery="etcd", etcd_url=etcd_server.url, gpu_backend="none")
     async with LocalConnector("e2e", _graph(), tmp_path, options) as conn:
+        # No executor: the exporter is not handed the Planner source at all.
+        assert "planner_status" not in exporter_sources(conn)
+        assert conn.planner_status() == {}
         assert await conn.scale_component("Decode", 1, timeout_s=60)
         keys = await _keys(etcd, f"v1/instances/{NS}/backend/")
         assert len(keys) == 1

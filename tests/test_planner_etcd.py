@@ -15,7 +15,11 @@ import aetcd
 import pytest
 
 from connector.events import EventLog
-from connector.planner import DecisionOutcome, VirtualConnectorExecutor
+from connector.planner import DecisionOutcome, SeenDecision, VirtualConnectorExecutor
+from exporter.exposition import Format
+from exporter.process_tree import ProcessTreeSampler
+from exporter.service import Exporter, build_exporter
+from tests.exporter_helpers import Clock, FakeProcessTable, FakeReader, samples, view_of
 
 pytestmark = pytest.mark.integration
 
@@ -303,3 +307,146 @@ async def test_no_acknowledgement_for_a_planner_that_left_during_the_apply(
         assert apply.calls == [(2, None, 4), (1, None, 0)]
     finally:
         await ex.close()
+
+
+# ------------------------------------------------------------- what the exporter publishes
+
+T0 = 1_700_000_000.0
+
+
+def _planner_exporter(ex: VirtualConnectorExecutor) -> Exporter:
+    """An exporter fed from the executor's status, as ``dynamo-local up`` wires it."""
+    clock = Clock()
+    return build_exporter(
+        FakeReader(view_of((), (), taken_at=1.0)),
+        planner_status=lambda: ex.status() if ex.running else {},
+        interval_s=3600.0,
+        processes=ProcessTreeSampler(FakeProcessTable({}), clock=clock),
+        clock=clock,
+    )
+
+
+async def _gauges(exporter: Exporter) -> dict[str, float]:
+    """The Planner gauges of a fresh snapshot: {name without prefix: value}."""
+    await exporter.sample_once()
+    text = exporter.exposition.render(Format.TEXT)
+    out: dict[str, float] = {}
+    for series, value in samples(text).items():
+        if series.startswith("dynamo_local_planner_"):
+            name, _, labels = series.partition("{")
+            assert labels == f'dynamo_namespace="{NS}"}}', series
+            out[name.removeprefix("dynamo_local_")] = value
+    return out
+
+
+async def test_the_decision_seen_and_acknowledged_reach_the_exporter(
+    etcd_server: Any, planner: Planner
+) -> None:
+    apply = Recorder()
+    apply.gate = asyncio.Event()
+    clock = Clock(T0)
+    ex = VirtualConnectorExecutor(etcd_server.url, NS, apply, lease_ttl_s=5, clock=clock)
+    exporter = _planner_exporter(ex)
+    assert await _gauges(exporter) == {}  # no executor: no series
+    await ex.start()
+    try:
+        # Running, but the Planner has decided nothing: nothing to publish, and no zeros.
+        assert await _gauges(exporter) == {}
+        assert ex.status()["decision_id"] is None
+        assert ex.status()["acknowledged"] is None
+
+        await planner.decide(0, prefill=1, decode=1)
+        await asyncio.wait_for(apply.entered.wait(), 5)
+        # Being applied: seen, not acknowledged (the alert's condition, when it lasts).
+        assert await _gauges(exporter) == {
+            "planner_decision_id": 0,
+            "planner_decision_seen_timestamp_seconds": T0,
+        }
+
+        # A newer decision during the apply is seen at once (the watch), applied after.
+        clock.advance(10.0)
+        await planner.decide(1, decode=2)
+        await until(lambda: ex.seen is not None and ex.seen.decision_id == 1)
+        assert await _gauges(exporter) == {
+            "planner_decision_id": 1,
+            "planner_decision_seen_timestamp_seconds": T0 + 10.0,
+        }
+        clock.advance(10.0)
+        apply.gate.set()
+        await until(lambda: _ack_is(planner, b"1"))
+        assert apply.calls == [(1, 1, 0), (1, 2, 1)]
+        assert await _gauges(exporter) == {
+            "planner_decision_id": 1,
+            "planner_decision_acknowledged_id": 1,
+            "planner_decision_seen_timestamp_seconds": T0 + 10.0,
+        }
+        status = ex.status()
+        assert (status["decision_id"], status["decision_seen_at"], status["acknowledged"]) == (
+            1,
+            T0 + 10.0,
+            1,
+        )
+
+        # The Planner goes (its keys with its lease): no decision, nothing acknowledged.
+        await planner.stop()
+        await until(lambda: ex.seen is None and ex.acknowledged is None)
+        assert await _gauges(exporter) == {}
+    finally:
+        await ex.close()
+    assert await _gauges(exporter) == {}  # closed: no series
+
+
+async def test_a_decision_pending_at_start_is_seen_when_the_executor_starts(
+    etcd_server: Any, planner: Planner
+) -> None:
+    await planner.decide(3, prefill=2)  # written while no executor runs
+    apply = Recorder()
+    apply.gate = asyncio.Event()
+    ex = VirtualConnectorExecutor(etcd_server.url, NS, apply, lease_ttl_s=5, clock=Clock(T0))
+    exporter = _planner_exporter(ex)
+    await ex.start()
+    try:
+        assert ex.seen is not None
+        assert (ex.seen.decision_id, ex.seen.seen_at) == (3, T0)
+        await asyncio.wait_for(apply.entered.wait(), 5)
+        assert await _gauges(exporter) == {
+            "planner_decision_id": 3,
+            "planner_decision_seen_timestamp_seconds": T0,
+        }
+        apply.gate.set()
+        await until(lambda: _ack_is(planner, b"3"))
+        assert (await _gauges(exporter))["planner_decision_acknowledged_id"] == 3
+    finally:
+        await ex.close()
+
+
+def test_older_observations_never_replace_newer_ones() -> None:
+    async def apply(p: int | None, d: int | None, i: int) -> DecisionOutcome:
+        return DecisionOutcome("ok")
+
+    clock = Clock(T0)
+    ex = VirtualConnectorExecutor("http://127.0.0.1:2379", NS, apply, clock=clock)
+    ex._see(10, 3, create_revision=5)
+    assert ex.seen == SeenDecision(decision_id=3, create_revision=5, seen_at=T0)
+    ex._see(9, None)  # a listing answered after the watch event that followed it
+    assert ex.seen == SeenDecision(3, 5, T0)
+    clock.advance(1.0)
+    ex._see(12, 3, create_revision=5)  # the same id written again: first seen at T0
+    assert ex.seen == SeenDecision(3, 5, T0)
+    ex._see(13, None)  # deleted
+    assert ex.seen is None
+    ex._see(14, 0, create_revision=14)  # a new Planner, counting from 0
+    assert ex.seen == SeenDecision(0, 14, T0 + 1.0)
+
+
+def test_an_acknowledgement_to_a_replaced_planner_does_not_count() -> None:
+    async def apply(p: int | None, d: int | None, i: int) -> DecisionOutcome:
+        return DecisionOutcome("ok")
+
+    ex = VirtualConnectorExecutor("http://127.0.0.1:2379", NS, apply, clock=Clock(T0))
+    ex._handled = (5, 3)  # decision 3 of the Planner whose key was created at revision 5
+    ex._see(10, 3, create_revision=5)
+    assert ex.acknowledged == 3
+    ex._see(20, 0, create_revision=18)  # its key re-created: a new Planner (delete missed)
+    assert ex.acknowledged is None
+    assert (ex.status()["decision_id"], ex.status()["acknowledged"]) == (0, None)

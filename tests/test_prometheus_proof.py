@@ -143,6 +143,14 @@ NO_DATA: dict[str, str] = {
     "_pending_messages:per_ready_prefill_replica": NEEDS_NATS,
     # Planner and failed scales.
     "dynamo-local-scaling | panel 'Planner decisions' target A": NEEDS_PLANNER,
+    "dynamo-local-scaling | panel 'Planner decision seen vs acknowledged' target A": NEEDS_PLANNER,
+    "dynamo-local-scaling | panel 'Planner decision seen vs acknowledged' target B": NEEDS_PLANNER,
+    "dynamo-local-scaling | panel 'Since the newest decision was seen' target A": NEEDS_PLANNER,
+    "DynamoLocalPlannerDecisionNotAcknowledged reads dynamo_local_planner_decision_id": (
+        NEEDS_PLANNER
+    ),
+    "DynamoLocalPlannerDecisionNotAcknowledged reads "
+    "dynamo_local_planner_decision_acknowledged_id": NEEDS_PLANNER,
     # Dynamo's frontend.
     "dynamo-local-scaling | panel 'Inter-token latency' target A": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target B": NO_ITL,
