@@ -57,6 +57,17 @@ GPU2 = ResourceRequest(gpu=2)
 HALF = ResourceRequest(gpu=0.5)
 
 
+class Recorded(list[tuple[str, dict[str, Any]]]):
+    """The events a manager emitted, in order: pass it as ``on_event``."""
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        self.append((kind, fields))
+
+
+# A release that gives up on processes and NVML quickly, and watchers that poll often.
+QUICK_RELEASE: dict[str, float] = {"release_timeout_s": 0.2, "leak_poll_s": 0.05}
+
+
 def make_manager(
     working_dir: Path,
     backend: GpuBackend | None = None,
@@ -633,12 +644,8 @@ def test_adopt_after_a_restart_holds_the_same_resources(tmp_path: Path) -> None:
 
 
 def test_adopting_a_colliding_reservation_keeps_it_and_says_so(tmp_path: Path) -> None:
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        eight_gpu_backend(),
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, eight_gpu_backend(), on_event=events)
     m.adopt(Reservation("A/1", "A", gpus=(U[0],), cpus=(3,), ports={"http": 21000}))
     m.adopt(Reservation("Q/1", "Q", gpus=(U[1],), gpu_fraction=0.5))
     # A fraction that still fits beside other fractions is no collision.
@@ -953,13 +960,8 @@ async def test_a_gpu_still_listed_after_the_timeout_is_leaked_until_free(
     tmp_path: Path,
 ) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        backend,
-        release_timeout_s=0.2,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, backend, release_timeout_s=0.2, on_event=events)
     m.reserve("Decode/1", "Decode", GPU1)
     pid = dead_pid()
     backend.add_process(0, pid, GIB)
@@ -1030,7 +1032,7 @@ async def test_processes_outliving_the_release_keep_everything_held_until_they_e
     short_dir: Path,
 ) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
+    events = Recorded()
     port = free_run(1)
     m = make_manager(
         short_dir,
@@ -1038,9 +1040,8 @@ async def test_processes_outliving_the_release_keep_everything_held_until_they_e
         cpus=(0, 1),
         memory=4 * GIB,
         port_range=(port, port),
-        release_timeout_s=0.2,
-        leak_poll_s=0.05,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
+        on_event=events,
+        **QUICK_RELEASE,
     )
     request = ResourceRequest(gpu=1, cpu=2, memory_bytes=3 * GIB, pin_cpus=True)
     held = m.reserve("Decode/1", "Decode", request, [PortSpec("http")], [SocketSpec("rpc")])
@@ -1117,14 +1118,8 @@ async def test_a_lingering_process_that_exits_with_the_gpu_still_listed_leaks_it
     tmp_path: Path,
 ) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        backend,
-        release_timeout_s=0.2,
-        leak_poll_s=0.05,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, backend, on_event=events, **QUICK_RELEASE)
     m.reserve("Decode/1", "Decode", GPU1)
     proc = sleeper()
     try:
@@ -1151,14 +1146,8 @@ async def test_a_gpu_whose_processes_nvml_cannot_list_is_not_taken_for_free(
     tmp_path: Path,
 ) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        backend,
-        release_timeout_s=0.2,
-        leak_poll_s=0.05,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, backend, on_event=events, **QUICK_RELEASE)
     m.refresh(our_pids=())  # NVML has listed this GPU's processes before
     m.reserve("Decode/1", "Decode", GPU1)
     pid = dead_pid()
@@ -1188,14 +1177,8 @@ async def test_nvml_failing_outright_leaks_the_gpu_and_the_watcher_outlasts_it(
     tmp_path: Path,
 ) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        backend,
-        release_timeout_s=0.2,
-        leak_poll_s=0.05,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, backend, on_event=events, **QUICK_RELEASE)
     m.reserve("Decode/1", "Decode", GPU1)
     backend.fail_sampling(RuntimeError("GPU is lost"))
     try:
@@ -1265,14 +1248,8 @@ async def test_what_stopped_replicas_hold_survives_a_restart_of_the_manager(
         await first.close()  # the connector stops; its watchers with it
 
         # A new manager (the restarted connector) reads what was persisted, as JSON.
-        events: list[tuple[str, dict[str, Any]]] = []
-        second = make_manager(
-            tmp_path,
-            backend,
-            release_timeout_s=0.1,
-            leak_poll_s=0.05,
-            on_event=lambda kind, **fields: events.append((kind, fields)),
-        )
+        events = Recorded()
+        second = make_manager(tmp_path, backend, on_event=events, **QUICK_RELEASE)
         broken = [{"kind": "nonsense"}, {"kind": "leaked", "gpu": "GPU-gone", "pids": []}, {}]
         problems = second.restore_held_after_stop(json.loads(json.dumps(entries)) + broken)
         assert problems == [
@@ -1312,13 +1289,8 @@ async def test_what_stopped_replicas_hold_survives_a_restart_of_the_manager(
 
 async def test_concurrent_releases_of_one_replica_share_one_wait(tmp_path: Path) -> None:
     backend = h100_backend(keep_captured_processes=False)
-    events: list[tuple[str, dict[str, Any]]] = []
-    m = make_manager(
-        tmp_path,
-        backend,
-        release_timeout_s=0.3,
-        on_event=lambda kind, **fields: events.append((kind, fields)),
-    )
+    events = Recorded()
+    m = make_manager(tmp_path, backend, release_timeout_s=0.3, on_event=events)
     m.reserve("Decode/1", "Decode", GPU1)
     pid = dead_pid()
     backend.add_process(0, pid, GIB)
