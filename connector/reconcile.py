@@ -90,7 +90,7 @@ class ResourceBroker(Protocol):
 
     def held_after_stop(self) -> list[dict[str, Any]]: ...
 
-    def recheck_ports(self, replica_id: str) -> tuple[Any, list[str]]: ...
+    def prepare(self, replica_id: str) -> tuple[Any, list[str]]: ...
 
     def restore_held_after_stop(self, entries: Sequence[Mapping[str, Any]]) -> list[str]: ...
 
@@ -387,14 +387,15 @@ class Reconciler:
         res: ReservationLike = self.resources.reservation_from_dict(rec.reservation)
         return res
 
-    async def _recheck_ports(self, rec: ReplicaRecord, restart: bool) -> bool:
-        """Move the replica's ports that a foreign process bound since they were reserved
-        (or since its last exit), so it does not start only to fail on bind. True when one
-        moved: the record has the new ports and the old watcher, whose env names the old
-        ones, is gone."""
-        if not rec.reservation or not rec.reservation.get("ports"):
+    async def _prepare_allocation(self, rec: ReplicaRecord, restart: bool) -> bool:
+        """Make the replica's allocation usable right before its process (re)starts: stale
+        socket files go, and ports a foreign process bound since they were reserved (or
+        since its last exit) move, so it does not start only to fail on bind. True when a
+        port moved: the record has the new ports and the old watcher, whose env names the
+        old ones, is gone."""
+        if not rec.reservation:
             return False
-        reservation, moves = await asyncio.to_thread(self.resources.recheck_ports, rec.replica_id)
+        reservation, moves = await asyncio.to_thread(self.resources.prepare, rec.replica_id)
         if not moves:
             return False
         rec.reservation = reservation.to_dict()
@@ -462,7 +463,7 @@ class Reconciler:
         await self.save()  # the record exists on disk before the process does
         with step(name, **{"dynamo_local.replica": rec.replica_id}):
             try:
-                moved = await self._recheck_ports(rec, restart)
+                moved = await self._prepare_allocation(rec, restart)
                 pid = await self._circus_start(rec, restart and not moved)
             except ExitedAtOnce:
                 # Gone before we could see it: circusd's reap event has its exit code.

@@ -355,8 +355,8 @@ class ResourceManager:
         Raises :class:`ResourcesExhausted` naming what is missing and who holds it, with
         ``details`` (``needed``, ``free``, and ``holders`` for GPUs or ``kind`` for the
         rest). Synchronous with no await: atomic on the event loop, and locked for threads.
-        A replica that already holds a reservation gets it back unchanged. Stale socket
-        files at the reserved paths are removed.
+        A replica that already holds a reservation gets it back unchanged. Nothing is
+        written to disk here: :meth:`prepare` does that before the process starts.
         """
         with self._lock:
             existing = self._held.get(replica_id)
@@ -383,9 +383,6 @@ class ResourceManager:
                 env_names=env_names,
             )
             self._held[replica_id] = reservation
-        for path in socket_map.values():  # stale socket files from an earlier run
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         return reservation
 
     def _usable(self, dev: GpuDevice) -> bool:
@@ -554,6 +551,20 @@ class ResourceManager:
         self._next_port = port
         return out
 
+    def prepare(self, replica_id: str) -> tuple[Reservation | None, list[str]]:
+        """Just before a replica's process (re)starts: its socket folder exists, no stale
+        socket file sits at its paths (a process that died leaves its file behind, and
+        binding an existing path fails), and its ports are still free
+        (:meth:`recheck_ports`, whose result this returns). Blocking: call it in a thread.
+        """
+        held = self.reservation(replica_id)
+        if held is not None and held.sockets:
+            (self.working_dir / "sock").mkdir(parents=True, exist_ok=True)
+            for path in held.sockets.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return self.recheck_ports(replica_id)
+
     def recheck_ports(self, replica_id: str) -> tuple[Reservation | None, list[str]]:
         """Before a replica's process (re)starts: are its reserved ports still free? A
         foreign process may have bound one since the reservation or the last exit. Each
@@ -603,8 +614,6 @@ class ResourceManager:
                     kind="sockets",
                 )
             out[spec.name] = str(path)
-        if out:
-            base.mkdir(parents=True, exist_ok=True)
         return out
 
     def reserve_many(

@@ -808,6 +808,8 @@ def test_socket_paths_are_short_deterministic_and_stale_files_go(short_dir: Path
     assert r.sockets == {"rpc": str(expected)}
     assert r.env()["RPC_SOCKET"] == str(expected)
     assert len(os.fsencode(str(expected))) < 100
+    assert expected.exists()  # reserving touches no disk (it runs on the event loop) ...
+    assert m.prepare("Decode/1") == (r, [])  # ... preparing the spawn does, in a thread
     assert not expected.exists()
     # Another manager (a restart) names the same replica's socket the same way.
     again = make_manager(short_dir).reserve("Decode/1", "Decode", ResourceRequest(), (), spec)
@@ -820,9 +822,11 @@ def test_socket_names_never_collide_or_leave_the_socket_folder(short_dir: Path) 
     first = m.reserve("Decode/1", "Decode", ResourceRequest(), (), [SocketSpec("rpc")])
     path = Path(first.sockets["rpc"])
     assert path == short_dir / "sock" / "decode-1-rpc.sock"
+    m.prepare("Decode/1")
     path.write_text("bound by Decode/1")  # stands in for the live socket
     # "decode" differs only in case: a hashed name, and Decode/1's socket stays.
     other = m.reserve("decode/1", "decode", ResourceRequest(), (), [SocketSpec("rpc")])
+    m.prepare("decode/1")
     digest = hashlib.sha1(b"decode/1/rpc").hexdigest()[:12]
     assert other.sockets == {"rpc": str(short_dir / "sock" / f"{digest}.sock")}
     assert path.read_text() == "bound by Decode/1"
@@ -839,6 +843,7 @@ def test_a_long_working_dir_gets_hashed_socket_names(short_dir: Path) -> None:
     digest = hashlib.sha1(b"PrefillWorker/12/nixl_side_channel").hexdigest()[:12]
     assert r.sockets == {"nixl_side_channel": f"{wd}/sock/{digest}.sock"}
     assert len(r.sockets["nixl_side_channel"]) == 93
+    m.prepare("PrefillWorker/12")
     assert (wd / "sock").is_dir()
 
 
@@ -872,6 +877,7 @@ async def test_a_real_process_binds_its_socket_and_release_removes_it(short_dir:
         "Decode/1", "Decode", ResourceRequest(), (), [SocketSpec("rpc", env="RPC_SOCKET")]
     )
     path = r.sockets["rpc"]
+    m.prepare("Decode/1")  # the socket folder exists before the process binds in it
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE_SOCKET],
         env={**os.environ, **r.env()},

@@ -8,10 +8,12 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ import pytest
 
 from connector.api.schemas import MACHINE_RESOURCES, NAMED
 from connector.errors import ResourcesExhausted
-from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest, RestartPolicy
+from connector.graph import (
+    PortSpec,
+    Readiness,
+    ReadinessKind,
+    ResourceRequest,
+    RestartPolicy,
+    SocketSpec,
+)
 from connector.nvml import open_gpu_backend
 from tests.core_helpers import (
     alive,
@@ -276,6 +285,52 @@ async def test_a_port_taken_while_a_replica_was_down_moves_before_it_restarts(
             )
             assert (await conn.get_machine_resources())["ports"] == {"Api/1": {"main": new_port}}
             assert rec.restarts == 1
+
+
+UNIX_SERVER = svc(
+    "Kv",
+    python_cmd(
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(os.environ['KV_SOCKET']); s.listen()\n"
+        "time.sleep(300)\n"
+    ),
+    max_replicas=1,
+    sockets=(SocketSpec("kv", env="KV_SOCKET"),),
+    readiness=Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=0.5),
+    restart=RestartPolicy(backoff_base_s=0.1, backoff_max_s=0.1),
+)
+
+
+async def test_a_killed_replica_restarts_although_it_left_its_socket_file(
+    tmp_path: Path,
+) -> None:
+    wd = Path(tempfile.mkdtemp(prefix="kv-", dir="/tmp"))  # short: Unix socket paths
+    try:
+        async with running(make_graph(UNIX_SERVER), wd) as conn:
+            assert await conn.scale_component("Kv", 1, timeout_s=30) is True
+            (rec,) = conn.state.replicas_of("Kv")
+            assert rec.pid is not None and rec.reservation is not None
+            path, old_pid = rec.reservation["sockets"]["kv"], rec.pid
+            os.kill(old_pid, signal.SIGKILL)  # no chance to unlink its socket file
+            await wait_until(lambda: not alive(old_pid), 10)
+            assert os.path.exists(path)
+            await wait_until(
+                lambda: (
+                    phases(conn, "Kv") == {"Kv/1": "ready"} and pids(conn, "Kv")["Kv/1"] != old_pid
+                ),
+                20,
+            )
+            (rec,) = conn.state.replicas_of("Kv")
+            assert (rec.restarts, rec.reservation and rec.reservation["sockets"]["kv"]) == (
+                1,
+                path,
+            )
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(path)  # the new process bound the same path
+            # One exit (the kill): the restart did not fail on a leftover socket file.
+            assert [e.replica for e in kinds(conn, "exit", "Kv")] == ["Kv/1"]
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
 
 
 async def test_a_restarted_connector_keeps_holding_what_a_stopped_replica_still_uses(
