@@ -85,8 +85,11 @@ class ResourceRequest:
 
     gpu: float = 0.0
     cpu: float = 0.0  # cores
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # reserved against the machine's memory (requests, else limits)
     pin_cpus: bool = False
+    # resources.limits.memory: a replica whose process tree's RSS goes above it is killed,
+    # as Kubernetes' OOM killer would (0: no limit).
+    memory_limit_bytes: int = 0
 
 
 @dataclass(frozen=True)

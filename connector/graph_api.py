@@ -74,6 +74,7 @@ def service(
     gpu: float | str = 0,
     cpu: float | str = 0,
     memory: int | str | None = None,
+    memory_limit: int | str | None = None,
     cpu_pinning: bool | None = None,
     envs: Mapping[str, str] | None = None,
     readiness: str | Mapping[str, Any] | None = None,
@@ -89,7 +90,8 @@ def service(
     """Declare a service. Values take the forms of the YAML fields they fill:
 
     ``role``/``sub_type`` -> ``componentType``/``subComponentType``; ``gpu``/``cpu``/``memory``
-    -> ``resources.requests`` (quantities such as ``"500m"``, ``"8Gi"``); ``envs`` ->
+    -> ``resources.requests`` (quantities such as ``"500m"``, ``"8Gi"``) and ``memory_limit``
+    -> ``resources.limits.memory``; ``envs`` ->
     ``envs``; ``readiness`` (``"none"``, ``{"discovery": {"component": "backend"}}``,
     ``{"http": "http://127.0.0.1:{port.system}/health", "timeoutSeconds": 30}``...),
     ``ports``/``sockets`` (``"system"`` or ``{"name": "system", "env": "DYN_SYSTEM_PORT"}``),
@@ -110,6 +112,8 @@ def service(
         raw["dynamoNamespace"] = dynamo_namespace
     requests = {"gpu": gpu, "cpu": cpu, "memory": memory}
     raw["resources"] = {"requests": {k: v for k, v in requests.items() if v is not None}}
+    if memory_limit is not None:
+        raw["resources"]["limits"] = {"memory": memory_limit}
     if envs:
         raw["envs"] = [{"name": k, "value": v} for k, v in envs.items()]
     local = {

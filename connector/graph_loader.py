@@ -633,6 +633,7 @@ def _resources(r: _Reader, raw: object, path: str) -> ResourceRequest:
         gpu=float(limits.get("gpu", requests.get("gpu", 0.0))),
         cpu=float(requests.get("cpu", limits.get("cpu", 0.0))),
         memory_bytes=int(requests.get("memory", limits.get("memory", 0))),
+        memory_limit_bytes=int(limits.get("memory", 0)),
     )
 
 

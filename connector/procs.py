@@ -46,6 +46,16 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def tree_rss(pid: int) -> int:
+    """Resident memory of the process and its descendants, summed (what the exporter shows
+    as a replica's RSS). Processes that vanish meanwhile count as 0."""
+    total = 0
+    for proc in tree(pid):
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
 def tree_pids(pid: int | None) -> set[int]:
     return {p.pid for p in tree(pid)} if pid else set()
 

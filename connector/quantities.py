@@ -122,3 +122,18 @@ def format_memory(num_bytes: int) -> str:
         if num_bytes % unit == 0:
             return f"{num_bytes // unit}{suffix}"
     return str(num_bytes)
+
+
+def approx_memory(num_bytes: int) -> str:
+    """``num_bytes`` for a message, in the largest binary unit it reaches, to one decimal
+    where it is not a whole number of that unit: ``3282042880`` -> ``"3.1Gi"``,
+    ``300 * 2**20`` -> ``"300Mi"``, ``512`` -> ``"512"``. For measured amounts; requests and
+    limits read back exactly with :func:`format_memory`."""
+    if num_bytes < 0:
+        raise ValueError(f"memory must not be negative, got {num_bytes}")
+    for suffix, power in sorted(_BINARY.items(), key=lambda item: -item[1]):
+        unit = 1024**power
+        if num_bytes >= unit:
+            whole, rest = divmod(num_bytes, unit)
+            return f"{whole}{suffix}" if rest == 0 else f"{num_bytes / unit:.1f}{suffix}"
+    return str(num_bytes)

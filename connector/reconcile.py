@@ -45,6 +45,7 @@ from connector.logs import (
 )
 from connector.operations import ScaleOp, standalone_step
 from connector.probes import DiscoveryProbe, ProbeTarget, wait_ready
+from connector.quantities import approx_memory, format_memory
 from connector.state import ComponentRecord, ConnectorState, ExitRecord, ReplicaRecord, StateStore
 from connector.supervisor import CircusChannel, CircusCommandError
 
@@ -246,6 +247,34 @@ class Reconciler:
         )
         for watcher, pid in dead:
             self._on_pid_exit(watcher, pid)
+        gone = {w for w, _ in dead}
+        await self._enforce_memory_limits([(w, pid) for w, pid, _ in watched if w not in gone])
+
+    async def _enforce_memory_limits(self, running: Sequence[tuple[str, int]]) -> None:
+        """Kill a replica whose process tree uses more memory (RSS) than its
+        ``resources.limits.memory``, as Kubernetes' OOM killer would; its exit then follows
+        the restart policy with the reason. Checked once a pass: a limit, not a cgroup."""
+        limits: dict[str, int] = {}
+        for watcher, _ in running:
+            rec = self.state.replicas.get(watcher)
+            svc = self.graph.services.get(rec.component) if rec is not None else None
+            if svc is not None and svc.resources.memory_limit_bytes:
+                limits[watcher] = svc.resources.memory_limit_bytes
+        if not limits:
+            return
+        pids = dict(running)
+        used = await asyncio.to_thread(lambda: {w: procs.tree_rss(pids[w]) for w in limits})
+        for watcher, limit in limits.items():
+            rec = self.state.replicas.get(watcher)
+            if rec is None or rec.pid != pids[watcher] or used[watcher] <= limit:
+                continue
+            reason = (
+                f"killed: memory {approx_memory(used[watcher])} above its limit "
+                f"{format_memory(limit)} (resources.limits.memory)"
+            )
+            log.warning("%s %s", rec.replica_id, reason)
+            rec.last_exit = ExitRecord(at=time.time(), reason=reason)
+            await asyncio.to_thread(procs.signal_group, pids[watcher], signal.SIGKILL)
 
     async def _stop_unknown_components(self) -> None:
         for rec in list(self.state.replicas.values()):

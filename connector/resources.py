@@ -40,7 +40,7 @@ from connector import defaults, procs, templates
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
 from connector.nvml import GpuBackend, GpuDevice, GpuSample, open_gpu_backend
-from connector.quantities import format_memory
+from connector.quantities import approx_memory, format_memory
 
 EPS = 1e-9
 SOCKET_PATH_LIMIT = 100  # sun_path is 108 bytes; keep a margin
@@ -465,7 +465,7 @@ class ResourceManager:
                 return f"leaked by {leak.replica_id} (NVML still lists its processes)"
             return f"leaked by {leak.replica_id} (not shown free of its processes: {leak.why})"
         if blocked == "foreign processes":
-            used = format_memory(self._foreign_busy.get(uuid, 0))
+            used = approx_memory(self._foreign_busy.get(uuid, 0))
             return f"busy with foreign processes ({used} of GPU memory)"
         return "in MIG mode (MIG instances are not handed out)"
 
@@ -517,7 +517,7 @@ class ResourceManager:
         if amount > free:
             raise self._exhausted(
                 f"{label} needs {format_memory(amount)} of memory, "
-                f"{format_memory(max(free, 0))} unreserved",
+                f"{approx_memory(max(free, 0))} unreserved",
                 needed=amount,
                 free=max(free, 0),
                 kind="memory",

@@ -39,6 +39,7 @@ def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
         gpu=1,
         cpu="500m",
         memory="2Gi",
+        memory_limit="3Gi",
         cpu_pinning=True,
         envs={"MODE": "fast"},
         readiness={"discovery": {"component": "backend"}, "timeoutSeconds": 60},
@@ -68,7 +69,9 @@ def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
             dynamo_namespace="dyn",
             envs=(("MODE", "fast"),),
             working_dir=str(tmp_path),
-            resources=ResourceRequest(gpu=1.0, cpu=0.5, memory_bytes=2 << 30, pin_cpus=True),
+            resources=ResourceRequest(
+                gpu=1.0, cpu=0.5, memory_bytes=2 << 30, pin_cpus=True, memory_limit_bytes=3 << 30
+            ),
             min_replicas=1,
             max_replicas=6,
             readiness=Readiness(kind=ReadinessKind.DISCOVERY, component="backend", timeout_s=60),

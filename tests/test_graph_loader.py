@@ -118,7 +118,9 @@ def test_full_sample_loads_to_exact_objects() -> None:
             dynamo_namespace="dev",
             envs=(("DYN_LOG", "debug"), ("SHARED", "service"), ("SOCK", "{socket.kv}")),
             working_dir=str(SAMPLES / "work"),
-            resources=ResourceRequest(gpu=1.0, cpu=1.5, memory_bytes=1 << 30, pin_cpus=True),
+            resources=ResourceRequest(
+                gpu=1.0, cpu=1.5, memory_bytes=1 << 30, pin_cpus=True, memory_limit_bytes=2 << 30
+            ),
             min_replicas=1,
             max_replicas=4,
             readiness=Readiness(
@@ -150,7 +152,9 @@ def test_full_sample_loads_to_exact_objects() -> None:
             sub_component_type=SubComponentType.PREFILL,
             envs=(("DYN_LOG", "debug"), ("SHARED", "graph")),
             working_dir="/srv/prefill",
-            resources=ResourceRequest(gpu=0.5, cpu=0.25, memory_bytes=512 << 20),
+            resources=ResourceRequest(
+                gpu=0.5, cpu=0.25, memory_bytes=512 << 20, memory_limit_bytes=512 << 20
+            ),
             readiness=Readiness(kind=ReadinessKind.TCP, port="rpc"),
             restart=RestartPolicy(mode=RestartMode.NEVER),
             ports=(PortSpec("rpc"),),
@@ -746,7 +750,9 @@ def test_env_set_twice_warns_and_the_last_wins(tmp_path: Path) -> None:
         ),
         (
             {"limits": {"gpu": 2, "cpu": 2, "memory": "2G"}},
-            ResourceRequest(gpu=2.0, cpu=2.0, memory_bytes=2_000_000_000),
+            ResourceRequest(
+                gpu=2.0, cpu=2.0, memory_bytes=2_000_000_000, memory_limit_bytes=2_000_000_000
+            ),
             (),
         ),
         (
@@ -754,7 +760,8 @@ def test_env_set_twice_warns_and_the_last_wins(tmp_path: Path) -> None:
                 "requests": {"cpu": 1, "memory": "1Gi"},
                 "limits": {"cpu": 4, "memory": "8Gi", "nvidia.com/gpu": "0.5"},
             },
-            ResourceRequest(gpu=0.5, cpu=1.0, memory_bytes=1 << 30),
+            # The request is reserved; the limit is what the replica may not go above.
+            ResourceRequest(gpu=0.5, cpu=1.0, memory_bytes=1 << 30, memory_limit_bytes=8 << 30),
             (),
         ),
         (

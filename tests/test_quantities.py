@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from connector.quantities import (
     MAX_MEMORY_BYTES,
+    approx_memory,
     format_memory,
     parse_cpu,
     parse_gpu,
@@ -167,3 +168,25 @@ def test_memory_round_trips_through_its_text(num_bytes: int) -> None:
 def test_memory_suffixes_multiply(number: int, suffix: tuple[str, int]) -> None:
     text, unit = suffix
     assert parse_memory(f"{number}{text}") == number * unit
+
+
+@pytest.mark.parametrize(
+    ("num_bytes", "text"),
+    [
+        (0, "0"),
+        (512, "512"),
+        (1536, "1.5Ki"),
+        (300 << 20, "300Mi"),
+        (302672 << 10, "295.6Mi"),
+        (3282042880, "3.1Gi"),
+        (16 << 30, "16Gi"),
+        (3 << 40, "3Ti"),
+    ],
+)
+def test_approx_memory_reads_well_in_messages(num_bytes: int, text: str) -> None:
+    assert approx_memory(num_bytes) == text
+
+
+def test_approx_memory_refuses_negative() -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        approx_memory(-1)

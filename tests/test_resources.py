@@ -441,7 +441,7 @@ def test_the_foreign_threshold_is_configurable(tmp_path: Path) -> None:
     error = exhausted(lambda: strict.reserve("Decode/1", "Decode", GPU1))
     assert error.message == (
         "Decode replica 1 needs 1 GPU, 0 free; "
-        "GPU-3916acbf… busy with foreign processes (3130Mi of GPU memory)"
+        "GPU-3916acbf… busy with foreign processes (3.1Gi of GPU memory)"
     )
     assert error.details == {
         "needed": 1,

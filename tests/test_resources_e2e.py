@@ -8,6 +8,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -232,7 +233,7 @@ async def test_the_capture_as_is_has_its_gpu_held_by_a_foreign_process(tmp_path:
             await conn.scale_component("Decode", 1, timeout_s=30)
         assert info.value.message == (
             "Decode replica 1 needs 1 GPU, 0 free; "
-            "GPU-3916acbf… busy with foreign processes (3130Mi of GPU memory)"
+            "GPU-3916acbf… busy with foreign processes (3.1Gi of GPU memory)"
         )
         assert (info.value.details["started"], info.value.details["target"]) == ([], 0)
         assert replica_ids(conn, "Decode") == []
@@ -331,6 +332,43 @@ async def test_a_killed_replica_restarts_although_it_left_its_socket_file(
             assert [e.replica for e in kinds(conn, "exit", "Kv")] == ["Kv/1"]
     finally:
         shutil.rmtree(wd, ignore_errors=True)
+
+
+async def test_a_replica_above_its_memory_limit_is_killed_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    limit = ResourceRequest(memory_limit_bytes=100 << 20)
+    quick = Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=0.1)
+    hog = svc(
+        "Hog",
+        # Ready first, then 300 MiB really written (bytes, not a lazily zeroed buffer).
+        python_cmd("import time\ntime.sleep(0.5)\nx = b'1' * (300 << 20)\ntime.sleep(300)\n"),
+        max_replicas=1,
+        resources=limit,
+        readiness=quick,
+        restart=RestartPolicy(backoff_base_s=30.0, backoff_max_s=30.0),  # stays down: one exit
+    )
+    calm = svc("Calm", max_replicas=1, resources=limit, readiness=quick)
+    graph = make_graph(hog, calm)
+    async with running(graph, tmp_path / "wd", resync_s=0.1) as conn:
+        assert await conn.scale_component("Calm", 1, timeout_s=30) is True
+        assert await conn.scale_component("Hog", 1, timeout_s=30) is True
+        calm_pid = pids(conn, "Calm")["Calm/1"]
+        await wait_until(lambda: bool(kinds(conn, "exit", "Hog")), 20)
+        (exited,) = kinds(conn, "exit", "Hog")
+        # Caught somewhere above the limit, possibly while it was still writing its 300 MiB.
+        match = re.fullmatch(
+            r"killed: memory (\d+(?:\.\d)?)Mi above its limit 100Mi \(resources\.limits\.memory\)",
+            exited.reason or "",
+        )
+        assert match is not None and 100 < float(match[1]) <= 350, exited.reason
+        assert exited.details["exit_code"] == -9
+        (rec,) = conn.state.replicas_of("Hog")
+        assert (rec.phase, rec.last_exit and rec.last_exit.code) == ("backoff", -9)
+        # A replica within its limit is left alone, pass after pass.
+        await asyncio.sleep(1.0)
+        assert kinds(conn, "exit", "Calm") == []
+        assert pids(conn, "Calm")["Calm/1"] == calm_pid and alive(calm_pid)
 
 
 async def test_a_restarted_connector_keeps_holding_what_a_stopped_replica_still_uses(
