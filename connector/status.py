@@ -28,7 +28,11 @@ def component_status(comp: ComponentRecord, recs: list[ReplicaRecord]) -> str:
     return "degraded"
 
 
-def replica_view(rec: ReplicaRecord, crashloop: bool = False) -> ReplicaView:
+def replica_view(
+    rec: ReplicaRecord, crashloop: bool = False, memory_limit_bytes: int = 0
+) -> ReplicaView:
+    """``memory_limit_bytes``: the limit the reconcile loop enforces on this replica now
+    (its service's ``resources.limits.memory`` in the current graph; 0 for none)."""
     res = rec.reservation or {}
     # A replica left down by its component's crash loop reads as "crashloop", not "exited".
     state = "crashloop" if crashloop and rec.phase == "exited" else rec.phase
@@ -47,6 +51,7 @@ def replica_view(rec: ReplicaRecord, crashloop: bool = False) -> ReplicaView:
         gpu_fraction=float(res.get("gpu_fraction", 0.0)),
         cpu_cores=float(res.get("cpu_cores", 0.0)),
         memory_bytes=int(res.get("memory_bytes", 0)),
+        memory_limit_bytes=memory_limit_bytes,
         ports=dict(res.get("ports", {})),
         sockets=dict(res.get("sockets", {})),
         log_paths=dict(rec.log_paths),
@@ -89,7 +94,13 @@ def build_view(connector: LocalConnector) -> ConnectorView:
             )
         )
     looping = {name for name, comp in state.components.items() if comp.crashloop}
-    replicas = tuple(replica_view(r, r.component in looping) for r in state.replicas.values())
+    # The limit comes from the graph, as the reconcile loop reads it when it enforces it (the
+    # reservation holds what was reserved, not the limit).
+    limits = {name: svc.resources.memory_limit_bytes for name, svc in graph.services.items()}
+    replicas = tuple(
+        replica_view(r, r.component in looping, limits.get(r.component, 0))
+        for r in state.replicas.values()
+    )
     return ConnectorView(
         namespace=connector.namespace,
         taken_at=time.time(),

@@ -28,6 +28,9 @@ class ReplicaView:
     gpu_fraction: float = 0.0  # share of one GPU for fractional requests (0 for whole GPUs)
     cpu_cores: float = 0.0
     memory_bytes: int = 0
+    # The service's resources.limits.memory (0: none): a replica whose process tree's RSS
+    # goes above it is killed.
+    memory_limit_bytes: int = 0
     ports: dict[str, int] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=dict)
     log_paths: dict[str, str] = field(default_factory=dict)

@@ -146,14 +146,16 @@ def build() -> dict[str, Any]:
         )
         .with_panel(
             timeseries_panel(
-                "Memory (RSS) and reservation",
+                "Memory (RSS), reservation and limit",
                 "Resident set size summed over each replica's process tree (shared pages "
-                "count once per process), and the memory reserved for it when it asked for "
-                "some.",
+                "count once per process), the memory reserved for it when it asked for "
+                "some, and its memory limit (resources.limits.memory) when its service sets "
+                "one: the connector kills a replica whose RSS goes above its limit.",
                 UNIT_BYTES,
                 [
                     Query(_m("replica_memory_rss_bytes"), REPLICA_LEGEND),
                     Query(_m("replica_memory_reserved_bytes"), f"{REPLICA_LEGEND} reserved"),
+                    Query(_m("replica_memory_limit_bytes"), f"{REPLICA_LEGEND} limit"),
                 ],
                 minimum=0,
             )

@@ -53,6 +53,7 @@ frontend = service(
     args=["--role", "frontend"],
     cpu="100m",
     memory="64Mi",
+    memory_limit="1Gi",
     max_replicas=1,
     ports=PORTS,
     readiness={"http": "http://127.0.0.1:{port.system}/health", "timeoutSeconds": 30},

@@ -317,6 +317,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("replica_memory_reserved_bytes", GAUGE, "bytes", _R, Group.ALLOCATION,
           "dynamo_local.replica.memory.reserved",
           "Memory reserved for the replica (absent when it requested none)."),
+    _spec("replica_memory_limit_bytes", GAUGE, "bytes", _R, Group.ALLOCATION,
+          "dynamo_local.replica.memory.limit",
+          "The replica's memory limit (resources.limits.memory): the connector kills the "
+          "replica when dynamo_local_replica_memory_rss_bytes goes above it. Absent when its "
+          "service sets none."),
     # --- GPUs ---------------------------------------------------------------------------------
     _spec("gpu_info", INFO, "", (GPU, "index", "name"), Group.GPU, "dynamo_local.gpu.info",
           "A GPU NVML reports: UUID, NVML index and product name. Always 1."),

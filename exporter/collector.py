@@ -128,6 +128,7 @@ def _replicas(f: Rows, snapshot: Snapshot, namespace_of: dict[str, str]) -> None
             f.add(P + "replica_gpu_allocated_ratio", (*base, gpu), r.gpu_fraction or 1.0)
         f.add(P + "replica_cpu_reserved_cores", base, r.cpu_cores or None)
         f.add(P + "replica_memory_reserved_bytes", base, r.memory_bytes or None)
+        f.add(P + "replica_memory_limit_bytes", base, r.memory_limit_bytes or None)
 
 
 def _usage(f: Rows, snapshot: Snapshot, namespace_of: dict[str, str]) -> None:

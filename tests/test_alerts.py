@@ -31,6 +31,8 @@ REQUIRED = {
     ],
     "crash loop": ["DynamoLocalCrashLoop"],
     "restart spike": ["DynamoLocalRestartSpike"],
+    # resources.limits.memory is enforced by a kill: warn before a replica reaches it.
+    "replica near its memory limit": ["DynamoLocalReplicaNearMemoryLimit"],
     "GPU memory near full": ["DynamoLocalGPUMemoryNearFull"],
     "GPU hot or throttling": ["DynamoLocalGPUHot", "DynamoLocalGPUThrottling"],
     "prefill queue backlog": ["DynamoLocalPrefillQueueBacklog"],

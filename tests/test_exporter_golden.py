@@ -35,6 +35,7 @@ from tests.exporter_helpers import (
     key,
     replica,
     samples,
+    series_with,
     spawn_tree,
     view_of,
 )
@@ -127,7 +128,15 @@ async def _fake_scene() -> tuple[Exporter, FakeReader]:
         component("decode", sub="decode", desired=2, ready=1, scale_in_flight=True),
     )
     replicas = (
-        replica("prefill", 0, 100, create_time=10.0, cpu_cores=2.0, memory_bytes=4 << 30),
+        replica(
+            "prefill",
+            0,
+            100,
+            create_time=10.0,
+            cpu_cores=2.0,
+            memory_bytes=4 << 30,
+            memory_limit_bytes=6 << 30,
+        ),
         replica("decode", 0, 200, create_time=20.0, gpus=(H100,), restarts=1),
         replica("decode", 1, 300, create_time=30.0, state="starting"),
     )
@@ -189,6 +198,13 @@ async def test_golden_exposition_from_the_nvml_fake_and_a_fake_process_table() -
     assert values[key(P + "replica_cpu_utilization_ratio", **decode0)] == 1.0 / 2.0 / 8
     assert values[key(P + "gpu_memory_total_bytes", gpu=H100)] == 85520809984
     assert values[P + "exporter_snapshot_age_seconds"] == 0.25
+    # The limit only where the service sets one: prefill/0, not decode/0 or decode/1.
+    prefill0 = {"dynamo_namespace": "demo", "dynamo_component": "prefill", "replica": "0"}
+    assert values[key(P + "replica_memory_limit_bytes", **prefill0)] == 6 << 30
+    assert values[key(P + "replica_memory_reserved_bytes", **prefill0)] == 4 << 30
+    assert list(series_with(text, P + "replica_memory_limit_bytes{")) == [
+        key(P + "replica_memory_limit_bytes", **prefill0)
+    ]
     assert values[key(P + "planner_decision_id", dynamo_namespace="demo")] == 5
     assert values[key(P + "planner_decision_acknowledged_id", dynamo_namespace="demo")] == 4
     seen = key(P + "planner_decision_seen_timestamp_seconds", dynamo_namespace="demo")

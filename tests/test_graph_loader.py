@@ -8,6 +8,7 @@ import logging
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,13 @@ def test_demo_example_runs_mock_workers_in_namespace_demo() -> None:
     ports = (PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT"))
     small = ResourceRequest(gpu=0.0, cpu=0.1, memory_bytes=64 << 20)
     for s in graph.services.values():
-        assert (s.command, s.ports, s.resources, s.dynamo_namespace) == (mock, ports, small, "demo")
+        assert (s.command, s.ports, s.dynamo_namespace) == (mock, ports, "demo")
+    # Only the frontend has a memory limit (so the demo shows one on the dashboards).
+    assert {n: s.resources for n, s in graph.services.items()} == {
+        "Frontend": replace(small, memory_limit_bytes=1 << 30),
+        "Prefill": small,
+        "Decode": small,
+    }
     shape = {
         n: (s.role, s.sub_component_type, s.replicas, s.min_replicas, s.max_replicas)
         for n, s in graph.services.items()

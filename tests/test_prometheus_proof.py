@@ -3,7 +3,9 @@
 The demo graph (``examples/demo.yaml``, mock Dynamo workers) runs under ``dynamo-local up``
 with the NVML fake replaying a real H100 capture (GPU metrics without a GPU), plus two
 components: ``Crasher``, whose command exits at once, and ``Greedy``, which asks for the one
-GPU (held by the capture's own process, so its scale-up is refused). A real Prometheus
+GPU (held by the capture's own process, so its scale-up is refused). The demo's Frontend
+sets ``limits.memory: 1Gi`` (far above its RSS), so the per-replica memory limit series has
+data. A real Prometheus
 scrapes the connector and the mock frontend using the repository's own
 ``deploy/prometheus/prometheus.yml`` (targets rewritten to the loopback ports of this run)
 and loads the repository's rules. Decode is scaled 2 -> 3, Greedy 0 -> 1 (refused) and
