@@ -742,15 +742,13 @@ class ResourceManager:
                 }
             )
         for uuid, why in busy.items():
-            # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS).
-            self._emit(
-                "leak",
-                component=reservation.component,
-                replica=reservation.replica_id,
-                outcome="failed",
-                reason=f"{_short(uuid)} {self._leak_phrase(uuid, why, reservation.replica_id)} "
+            self._leak_event(
+                reservation.component,
+                reservation.replica_id,
+                "failed",
+                f"{_short(uuid)} {self._leak_phrase(uuid, why, reservation.replica_id)} "
                 f"{self.release_timeout_s:g} s after release",
-                details={"gpu": uuid},
+                gpu=uuid,
             )
             self._watch_leak(uuid)
         for path in reservation.sockets.values():
@@ -769,15 +767,14 @@ class ResourceManager:
             if self._held.get(replica_id) is reservation:
                 del self._held[replica_id]
         alive = sorted(await asyncio.to_thread(procs.running, identities))
-        self._emit(
-            "leak",
-            component=reservation.component,
-            replica=replica_id,
-            outcome="failed",
-            reason=f"{replica_id}'s processes {', '.join(map(str, alive))} still run "
+        self._leak_event(
+            reservation.component,
+            replica_id,
+            "failed",
+            f"{replica_id}'s processes {', '.join(map(str, alive))} still run "
             f"{self.release_timeout_s:g} s after release; its resources stay held until "
             "they exit",
-            details={"pids": alive},
+            pids=alive,
         )
         self._hold_lingering(_Lingering(reservation, identities, frozenset(pid_set)))
 
@@ -793,13 +790,12 @@ class ResourceManager:
                 if not await asyncio.to_thread(procs.running, lingering.identities):
                     break
                 await asyncio.sleep(self.leak_poll_s)
-            self._emit(
-                "leak",
-                component=reservation.component,
-                replica=reservation.replica_id,
-                outcome="ok",
-                reason=f"{reservation.replica_id}'s processes exited; its resources are released",
-                details={"pids": sorted(lingering.identities)},
+            self._leak_event(
+                reservation.component,
+                reservation.replica_id,
+                "ok",
+                f"{reservation.replica_id}'s processes exited; its resources are released",
+                pids=sorted(lingering.identities),
             )
             deadline = time.monotonic() + self.release_timeout_s
             await self._free_gpus(reservation, set(lingering.pids), deadline)
@@ -856,13 +852,8 @@ class ResourceManager:
                     break
             with self._lock:
                 self._leaked.pop(uuid, None)
-            self._emit(
-                "leak",
-                component=leak.component,
-                replica=leak.replica_id,
-                outcome="ok",
-                reason=f"{_short(uuid)} is free again",
-                details={"gpu": uuid},
+            self._leak_event(
+                leak.component, leak.replica_id, "ok", f"{_short(uuid)} is free again", gpu=uuid
             )
 
         self._track(watch())
@@ -940,6 +931,20 @@ class ResourceManager:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 problems.append(f"entry {n}: unreadable ({type(exc).__name__}: {exc})")
         return problems
+
+    def _leak_event(
+        self, component: str, replica: str, outcome: str, reason: str, **details: Any
+    ) -> None:
+        # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS): "failed"
+        # when something stays held past a release, "ok" when it is free again.
+        self._emit(
+            "leak",
+            component=component,
+            replica=replica,
+            outcome=outcome,
+            reason=reason,
+            details=details,
+        )
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
