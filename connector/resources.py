@@ -763,9 +763,6 @@ class ResourceManager:
         GPUs, so everything stays held (as lingering) until they exit, then the GPUs get
         the usual NVML check."""
         replica_id = reservation.replica_id
-        with self._lock:
-            if self._held.get(replica_id) is reservation:
-                del self._held[replica_id]
         alive = sorted(await asyncio.to_thread(procs.running, identities))
         self._leak_event(
             reservation.component,
@@ -783,6 +780,9 @@ class ResourceManager:
         GPUs get the usual NVML check and everything is released."""
         reservation = lingering.reservation
         with self._lock:
+            # Held to lingering in one step: never held nowhere, so never handed out meanwhile.
+            if self._held.get(reservation.replica_id) is reservation:
+                del self._held[reservation.replica_id]
             self._lingering[id(reservation)] = lingering
 
         async def watch() -> None:

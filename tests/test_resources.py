@@ -1034,6 +1034,45 @@ def test_identities_tell_a_process_from_a_recycled_pid() -> None:
     assert procs.wait_gone(ids, 0) is True
 
 
+async def test_a_stuck_replica_s_gpu_is_never_free_while_it_turns_lingering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = h100_backend(keep_captured_processes=False)
+    m = make_manager(tmp_path, backend, **QUICK_RELEASE)
+    m.reserve("Decode/1", "Decode", GPU1)
+    slow_running = procs.running
+
+    def running(identities: Any) -> set[int]:
+        time.sleep(0.3)  # a slow psutil pass: the loop serves other calls meanwhile
+        return slow_running(identities)
+
+    monkeypatch.setattr(procs, "running", running)
+    proc = sleeper()
+    grabbed: list[str] = []
+
+    async def grab() -> None:  # another scale on the loop, again and again
+        while True:
+            with contextlib.suppress(ResourcesExhausted):
+                grabbed.append(m.reserve("Other/1", "Other", GPU1).replica_id)
+                return
+            await asyncio.sleep(0.01)
+
+    grabber = asyncio.create_task(grab())
+    try:
+        backend.add_process(0, proc.pid, GIB)
+        assert await m.release("Decode/1", {proc.pid}) == ReleaseResult("Decode/1", False)
+        await asyncio.sleep(0.1)
+        assert grabbed == []
+        assert m.machine_view()["gpus"][0]["owners"] == [
+            "Decode/1 (stopped; processes still running)"
+        ]
+    finally:
+        grabber.cancel()
+        proc.kill()
+        proc.wait()
+        await m.close()
+
+
 async def test_processes_outliving_the_release_keep_everything_held_until_they_exit(
     short_dir: Path,
 ) -> None:
