@@ -172,9 +172,8 @@ class Allocation(RuleBasedStateMachine):
         assert sorted(r.sockets) == [f"s{i}" for i in range(sockets)]
         assert r.env()["CUDA_VISIBLE_DEVICES"] == ",".join(r.gpus)
 
-    def reserve_one(self, ask: Ask) -> str | None:
+    def reserve_one(self, replica_id: str, ask: Ask) -> None:
         component, request, ports, sockets = ask
-        replica_id = self.next_id(component)
         fits = self.fits(request)
         try:
             r = self.manager.reserve(
@@ -185,12 +184,11 @@ class Allocation(RuleBasedStateMachine):
             # Refused exactly when it does not fit, or when the OS has no port left.
             assert not fits or exc.details.get("kind") == "ports", exc.message
             event(f"refused: {exc.details.get('kind', 'gpu')}")
-            return None
+            return
         assert fits, f"{replica_id} {request} was granted but does not fit"
         self.check_granted(r, component, ask)
         self.model[replica_id] = r
         event("granted")
-        return replica_id
 
     # ------------------------------------------------------------------ rules
 
@@ -198,10 +196,25 @@ class Allocation(RuleBasedStateMachine):
     def start(self) -> None:
         assert self.model == {}
 
+    def never_granted(self, replica_id: str) -> bool:
+        """Whether ``replica_id`` was refused; releasing it is then a no-op.
+
+        Every scale-up puts every id it asked for into the bundle, granted or not: which
+        of concurrent asks win depends on thread timing, and a bundle whose size depends on
+        it makes Hypothesis's replays draw differently (FlakyStrategyDefinition)."""
+        if replica_id in self.model:
+            return False
+        assert self.manager.reservation(replica_id) is None
+        result = self.run(self.manager.release(replica_id, {self.exited_pid}))
+        assert result == ReleaseResult(replica_id, True)
+        event("release of a refused replica: no-op")
+        return True
+
     @rule(target=replicas, ask=asks)
     def scale_up_one(self, ask: Ask) -> object:
-        replica_id = self.reserve_one(ask)
-        return multiple(replica_id) if replica_id else multiple()
+        replica_id = self.next_id(ask[0])
+        self.reserve_one(replica_id, ask)
+        return replica_id
 
     @rule(target=replicas, batch=st.lists(asks, min_size=1, max_size=3))
     def scale_up_many(self, batch: list[Ask]) -> object:
@@ -217,7 +230,7 @@ class Allocation(RuleBasedStateMachine):
         for r in done:
             self.check_granted(r, by_id[r.replica_id][0], by_id[r.replica_id])
             self.model[r.replica_id] = r
-        return multiple(*(r.replica_id for r in done))
+        return multiple(*ids)
 
     @rule(target=replicas, batch=st.lists(asks, min_size=2, max_size=4))
     def scale_up_concurrently(self, batch: list[Ask]) -> object:
@@ -232,16 +245,16 @@ class Allocation(RuleBasedStateMachine):
 
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
             got = list(pool.map(one, ids, batch))
-        granted = []
         for rid, ask, r in zip(ids, batch, got, strict=True):
             if r is not None:
                 self.check_granted(r, ask[0], ask)
                 self.model[rid] = r
-                granted.append(rid)
-        return multiple(*granted)
+        return multiple(*ids)
 
     @rule(replica_id=consumes(replicas))
     def scale_down(self, replica_id: str) -> None:
+        if self.never_granted(replica_id):
+            return
         # The replica's process has exited; NVML never listed it.
         result = self.run(self.manager.release(replica_id, {self.exited_pid}))
         assert (result.processes_gone, result.leaked_gpus) == (True, ())
@@ -251,6 +264,8 @@ class Allocation(RuleBasedStateMachine):
     def crash(self, replica_id: str) -> None:
         # The replica was killed; the driver still lists its PID on its GPUs for a moment.
         # Its GPUs stay held until NVML lets go, then everything is given back.
+        if self.never_granted(replica_id):
+            return
         pid = self.exited_pid
         index = {g.uuid: g.index for g in self.manager.inventory.gpus}
         gpus = self.model[replica_id].gpus
@@ -277,6 +292,8 @@ class Allocation(RuleBasedStateMachine):
         # Stuck in the driver, say: SIGKILL did not end it within the release timeout.
         proc = subprocess.Popen(["sleep", "120"])
         self.sleepers[proc.pid] = proc
+        if self.never_granted(replica_id):
+            return proc.pid  # a stray sleeper: the bundle gets a PID either way
         self.manager.release_timeout_s = STUCK_TIMEOUT_S
         try:
             result = self.run(self.manager.release(replica_id, {proc.pid}))
@@ -297,7 +314,7 @@ class Allocation(RuleBasedStateMachine):
         while any(pid in g["pids"] for g in self.manager.machine_view()["lingering"]):
             assert time.monotonic() < deadline, f"{pid} exited but its resources stay held"
             time.sleep(0.01)
-        del self.lingering[pid]
+        self.lingering.pop(pid, None)  # absent for a refused replica's stray sleeper
 
     @rule()
     def restart_connector(self) -> None:
