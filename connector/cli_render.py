@@ -76,7 +76,7 @@ def replicas_table(detail: Mapping[str, Any]) -> Table:
             str(r["restarts"]),
             "-" if r["last_exit_code"] is None else str(r["last_exit_code"]),
             ",".join(short_gpu(g) for g in r["gpus"]) or "-",
-            " ".join(f"{k}={v}" for k, v in r["ports"].items()) or "-",
+            pairs(r["ports"]),
         )
     return table
 
@@ -191,8 +191,8 @@ def resources_tables(data: Mapping[str, Any]) -> list[Table]:
         for replica in sorted(set(ports) | set(sockets)):
             held.add_row(
                 replica,
-                " ".join(f"{k}={v}" for k, v in (ports.get(replica) or {}).items()) or "-",
-                " ".join(f"{k}={v}" for k, v in (sockets.get(replica) or {}).items()) or "-",
+                pairs(ports.get(replica)),
+                pairs(sockets.get(replica)),
             )
         tables.append(held)
     lingering = data.get("lingering") or []
@@ -211,7 +211,7 @@ def resources_tables(data: Mapping[str, Any]) -> list[Table]:
                 ",".join(short_gpu(u) for u in r.get("gpus") or []) or "-",
                 f"{r.get('cpu_cores', 0):g}" if r.get("cpu_cores") else "-",
                 size(r.get("memory_bytes")) if r.get("memory_bytes") else "-",
-                " ".join(f"{k}={v}" for k, v in (r.get("ports") or {}).items()) or "-",
+                pairs(r.get("ports")),
             )
         tables.append(stuck)
     return tables
@@ -248,6 +248,11 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def pairs(named: Mapping[str, object] | None) -> str:
+    """``{"system": 20001, "rpc": 20002}`` as ``system=20001 rpc=20002``; ``-`` for none."""
+    return " ".join(f"{k}={v}" for k, v in (named or {}).items()) or "-"
 
 
 def short_gpu(uuid: str) -> str:

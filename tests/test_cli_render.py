@@ -5,13 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from connector import cli_render as render
-
-
-def cells(line: str) -> list[str]:
-    """The words of a rich table row, box drawing removed."""
-    for box in "┃│":
-        line = line.replace(box, " ")
-    return line.split()
+from tests.test_cli import cells
 
 
 def test_resources_tables_show_lingering_replicas_and_a_machine_without_gpus() -> None:
