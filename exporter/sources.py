@@ -92,6 +92,17 @@ class PlannerReading:
     acknowledged_id: int | None  # newest id it acknowledged
 
 
+def _list(data: Mapping[str, Any], key: str, what: str) -> list[Any] | tuple[Any, ...] | None:
+    """``data[key]`` when it is a list (None when the key is absent), else a failed read
+    naming it (an explicit null too)."""
+    if key not in data:
+        return None
+    value = data[key]
+    if not isinstance(value, list | tuple):
+        raise SourceFormatError(f"{what}: {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise SourceFormatError(f"{what} must be a mapping, got {type(value).__name__}")
@@ -119,9 +130,7 @@ def _count(data: Mapping[str, Any], key: str, what: str) -> int | None:
 def parse_machine_view(value: Any) -> MachineAllocation:
     what = "machine view"
     data = _mapping(value, what)
-    raw_gpus = data.get("gpus", [])
-    if not isinstance(raw_gpus, list | tuple):
-        raise SourceFormatError(f"{what}: 'gpus' must be a list, got {type(raw_gpus).__name__}")
+    raw_gpus = _list(data, "gpus", what) or ()
     gpus: list[GpuAllocation] = []
     for i, raw in enumerate(raw_gpus):
         entry = _mapping(raw, f"{what}: gpus[{i}]")
@@ -139,11 +148,7 @@ def parse_machine_view(value: Any) -> MachineAllocation:
     free = _count(data, "free_gpus", what)
     cpu = _mapping(data.get("cpu") or {}, f"{what}: 'cpu'")
     memory = _mapping(data.get("memory") or {}, f"{what}: 'memory'")
-    lingering = data.get("lingering")
-    if lingering is not None and not isinstance(lingering, list | tuple):
-        raise SourceFormatError(
-            f"{what}: 'lingering' must be a list, got {type(lingering).__name__}"
-        )
+    lingering = _list(data, "lingering", what)
     return MachineAllocation(
         gpus=tuple(sorted(gpus, key=lambda g: g.uuid)),
         free_gpus=free if free is not None else sum(g.state == "free" for g in gpus),
