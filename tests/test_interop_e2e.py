@@ -141,6 +141,15 @@ def _without_timing(gauges: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in gauges.items() if "last_success" not in k and "duration" not in k}
 
 
+async def _executor_recorded_ack(conn: LocalConnector, decision_id: int) -> None:
+    """etcd has an ack the moment its transaction commits; the executor records it when its
+    call returns, one loop turn later."""
+    deadline = time.monotonic() + 5
+    while conn.planner_status().get("acknowledged") != decision_id:
+        assert time.monotonic() < deadline, f"the executor did not record ack {decision_id}"
+        await asyncio.sleep(0.01)
+
+
 async def test_planner_decision_scales_the_graph_and_is_acknowledged(
     tmp_path: Path, etcd_server: Any, etcd: Any
 ) -> None:
@@ -166,6 +175,7 @@ async def test_planner_decision_scales_the_graph_and_is_acknowledged(
                 break
             assert time.monotonic() < deadline, "decision 1 was not acknowledged"
             await asyncio.sleep(0.05)
+        await _executor_recorded_ack(conn, 1)
         after = time.time()
         seen_at = conn.planner_status()["decision_seen_at"]
         assert before <= seen_at <= after
@@ -188,6 +198,7 @@ async def test_planner_decision_scales_the_graph_and_is_acknowledged(
                 break
             assert time.monotonic() < deadline + 30, "decision 2 was not acknowledged"
             await asyncio.sleep(0.05)
+        await _executor_recorded_ack(conn, 2)
         assert await conn.get_component_replicas("Decode") == 0
         assert [k for k in await _keys(etcd, f"v1/instances/{NS}/backend/")] == []
         seen_at_2 = conn.planner_status()["decision_seen_at"]

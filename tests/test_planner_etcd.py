@@ -144,6 +144,9 @@ async def test_decision_applied_and_acknowledged_on_own_lease(
 
         await planner.decide(1, decode=3)  # only decode changed: prefill stays as written
         await until(lambda: _ack_is(planner, b"1"))
+        # etcd has the ack the moment the transaction commits; the executor records it when
+        # its call returns, one loop turn later.
+        await until(lambda: ex.acknowledged == 1)
         assert apply.calls == [(2, 1, 0), (2, 3, 1)]
 
         [first, second] = [e for e in events.since(0) if e.kind == "decision"]
@@ -374,6 +377,7 @@ async def test_the_decision_seen_and_acknowledged_reach_the_exporter(
         clock.advance(10.0)
         apply.gate.set()
         await until(lambda: _ack_is(planner, b"1"))
+        await until(lambda: ex.acknowledged == 1)  # recorded once the transaction returns
         assert apply.calls == [(1, 1, 0), (1, 2, 1)]
         assert await _gauges(exporter) == {
             "planner_decision_id": 1,
