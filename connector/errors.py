@@ -14,6 +14,9 @@ class ConnectorError(Exception):
 
     code = "internal"
     http_status = 500
+    # Seconds a client should wait before trying again (the HTTP API sends it as
+    # ``Retry-After``); None when retrying soon would not help.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -91,3 +94,11 @@ class ResourcesExhausted(ConnectorError):
 class ConnectorClosed(ConnectorError):
     code = "connector_closed"
     http_status = 503
+
+
+class ConnectorStarting(ConnectorClosed):
+    """The connector is still starting (circusd, re-adoption): try again in a moment."""
+
+    code = "starting"
+    http_status = 503
+    retry_after_s = 1

@@ -7,6 +7,7 @@ these objects by :mod:`connector.graph_loader`; nothing else reads raw YAML.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -135,6 +136,14 @@ class Service:
     @property
     def env(self) -> dict[str, str]:
         return dict(self.envs)
+
+    def spec_digest(self) -> str:
+        """A digest of what a replica's process is made from (command, args, env, working
+        dir, resources): a new digest is a new pod spec, in Kubernetes' words, and clears
+        a crash loop the old one earned. Every part is a frozen value, so ``repr`` is
+        stable across runs."""
+        spec = (self.command, self.args, self.envs, self.working_dir, self.resources)
+        return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

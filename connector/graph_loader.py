@@ -129,6 +129,7 @@ _RESTART_KEYS = (
     "stableAfterSeconds",
 )
 _READINESS_KINDS = ("discovery", "http", "tcp", "process", "none")
+_READINESS_SHORTHANDS = ("none", "process", "discovery")  # `readiness: none`
 _RESOURCE_KEYS = ("gpu", "nvidia.com/gpu", "cpu", "memory")
 
 T = TypeVar("T")
@@ -654,14 +655,30 @@ def _readiness(
     if raw is None:
         return Readiness()
     if isinstance(raw, str):  # shorthand: `readiness: none`, `process` or `discovery`
-        kind = r.choice(raw, path, ("none", "process", "discovery"))
+        kind = r.choice(raw, path, _READINESS_SHORTHANDS)
         return Readiness(kind=ReadinessKind(kind))
     block = r.mapping(raw, path, optional=False)
+    keys = (*_READINESS_KINDS, "timeoutSeconds", "periodSeconds")
     kinds = [k for k in _READINESS_KINDS if k in block]
     if len(kinds) != 1:
-        got = _choices(kinds) if kinds else "none"
-        r.fail(path, f"must name exactly one of {_choices(_READINESS_KINDS)}, got {got}")
-    r.known(block, path, (*_READINESS_KINDS, "timeoutSeconds", "periodSeconds"))
+        # An unknown key is then the likelier mistake (`type: none` is a natural guess), so
+        # it is named first; with exactly one kind, unknown keys only warn, as elsewhere.
+        for key, value in block.items():
+            if key not in keys:
+                hint = ""
+                if value in _READINESS_SHORTHANDS:
+                    hint = f" (for {value!r} alone, write the shorthand `readiness: {value}`)"
+                r.fail(
+                    _join(path, key),
+                    f"unknown key {key!r}; expected one of {_choices(keys)}{hint}",
+                )
+        got = _choices(kinds) if kinds else "none of them"
+        r.fail(
+            path,
+            f"must name exactly one of {_choices(_READINESS_KINDS)}, got {got} "
+            f"(or use a shorthand: `readiness: none`, `process` or `discovery`)",
+        )
+    r.known(block, path, keys)
     (kind,) = kinds
     value = block[kind]
     kind_path = f"{path}.{kind}"

@@ -26,6 +26,7 @@ from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
     ConnectorError,
+    ConnectorStarting,
     CrashLoop,
     InvalidReplicas,
     ReplicaLimit,
@@ -110,6 +111,7 @@ class LocalConnector(PlannerConnectorMixin):
         self._channel: CircusChannel | None = None
         self._circus_events: CircusEvents | None = None
         self._initialized = False
+        self._starting = False  # initialize() is under way: callers are told to retry
         self._started_circusd = False
         self._closed = False
         # Set once initialize() has finished (or failed) or shutdown() began: what
@@ -129,16 +131,29 @@ class LocalConnector(PlannerConnectorMixin):
         working_dir: str | Path | None = None,
         **options: Any,
     ) -> LocalConnector:
-        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``)."""
+        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``)
+        and return a connector that is already initialized (circusd up, replicas re-adopted,
+        the loop running), as ``asyncpg.create_pool()`` returns a ready pool. Either::
+
+            c = await LocalConnector.create("demo", "graph.yaml")
+            try:
+                await c.scale_component("Decode", 2)
+            finally:
+                await c.shutdown()
+
+        or ``async with await LocalConnector.create(...) as c:`` (entering again is a
+        no-op; leaving shuts down). ``options`` are :class:`ConnectorOptions` fields."""
         from connector.graph_loader import load_graph
 
         graph = await asyncio.to_thread(load_graph, bento_identifier)
-        return cls(
+        connector = cls(
             namespace,
             graph,
             Path(working_dir) if working_dir is not None else None,
             ConnectorOptions(**options),
         )
+        await connector.initialize()
+        return connector
 
     async def __aenter__(self) -> LocalConnector:
         await self.initialize()
@@ -160,17 +175,26 @@ class LocalConnector(PlannerConnectorMixin):
             return
         if self._closed:
             raise ConnectorClosed("this connector was shut down; create a new one")
-        await asyncio.to_thread(self.store.acquire)
+        if self._starting:
+            await self._settled.wait()  # a second caller waits for the first one's start
+            if not self._initialized:
+                raise ConnectorClosed("the connector failed to start")
+            return
+        self._starting = True
         try:
-            await self._initialize_locked()
-        except BaseException:
-            # A circusd we started just now must not outlive a failed start; one we
-            # re-attached to keeps running the replicas it already had.
+            await asyncio.to_thread(self.store.acquire)
+            try:
+                await self._initialize_locked()
+            except BaseException:
+                # A circusd we started just now must not outlive a failed start; one we
+                # re-attached to keeps running the replicas it already had.
+                self._settled.set()
+                await self._teardown(detach=not self._started_circusd)
+                raise
+            self._initialized = True
+        finally:
+            self._starting = False
             self._settled.set()
-            await self._teardown(detach=not self._started_circusd)
-            raise
-        self._initialized = True
-        self._settled.set()
 
     async def wait_started(self) -> bool:
         """Wait until :meth:`initialize` has re-adopted the replicas and started the loop:
@@ -364,7 +388,14 @@ class LocalConnector(PlannerConnectorMixin):
     def _live(self) -> Reconciler:
         if self._closed:
             raise ConnectorClosed("the connector is shut down")
-        if self.reconciler is None:
+        if not self._initialized or self.reconciler is None:
+            if self._starting:
+                raise ConnectorStarting(
+                    "dynamo-local is starting (starting circusd and re-adopting the replicas "
+                    "that are already running); retry in a moment, or wait until GET /readyz "
+                    "answers 200",
+                    retry_after_s=ConnectorStarting.retry_after_s,
+                )
             raise ConnectorClosed("the connector is not initialized; call initialize() first")
         return self.reconciler
 
@@ -464,6 +495,7 @@ class LocalConnector(PlannerConnectorMixin):
         comp = rec.component_record(name)
         comp.crashloop = False
         comp.crashloop_reason = None
+        comp.crashloop_spec = None
         comp.failures = []
         rec._blocked.pop(name, None)
         target = comp.target

@@ -680,6 +680,7 @@ class Reconciler:
         self, rec: ReplicaRecord, comp: ComponentRecord, svc: Service, reason: str
     ) -> None:
         comp.crashloop = True
+        comp.crashloop_spec = svc.spec_digest()
         comp.crashloops_total += 1
         window = svc.restart.crashloop_window_s
         comp.crashloop_reason = (
@@ -859,9 +860,36 @@ class Reconciler:
             rec.restart_at = time.time()
         for name in self.graph.services:
             self.component_record(name)
-        self.events.emit("adopt", details=dict(report))
+        cleared = self._clear_crashloops_of_changed_specs()
+        reason = None
+        if cleared:
+            report["crashloop_cleared"] = cleared
+            reason = (
+                f"crash loop cleared for {', '.join(cleared)}: the spec (command, args, env "
+                "or resources) differs from the one that crash-looped"
+            )
+        self.events.emit("adopt", reason=reason, details=dict(report))
         await self.save()
         return report
+
+    def _clear_crashloops_of_changed_specs(self) -> list[str]:
+        """As Kubernetes resets CrashLoopBackOff on a new pod spec: a component whose spec
+        changed since it crash-looped starts afresh. Its exited replicas are removed (their
+        watchers hold the old command) and the next pass starts new ones."""
+        cleared = []
+        for name, svc in self.graph.services.items():
+            comp = self.component_record(name)
+            if not comp.crashloop or comp.crashloop_spec in (None, svc.spec_digest()):
+                continue
+            comp.crashloop = False
+            comp.crashloop_reason = None
+            comp.crashloop_spec = None
+            comp.failures = []
+            for rec in self.state.replicas_of(name):
+                if rec.phase == "exited":
+                    self.begin_stop(rec, None, "spec changed since the crash loop")
+            cleared.append(name)
+        return cleared
 
     def _probe_target(self, rec: ReplicaRecord, pid: int) -> ProbeTarget:
         """What a readiness probe needs of the replica's current process ``pid``."""

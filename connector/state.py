@@ -71,6 +71,8 @@ class ComponentRecord(BaseModel):
     failures: list[float] = Field(default_factory=list)  # exit times inside the budget window
     crashloop: bool = False
     crashloop_reason: str | None = None
+    # Service.spec_digest() of the spec that crash-looped: a different one clears it.
+    crashloop_spec: str | None = None
     crashloops_total: int = 0
     restarts_total: int = 0
 

@@ -168,7 +168,7 @@ async def run_up(
             settings=settings,
         )
         # Listen first: a busy port fails before any process is started. Until the
-        # connector runs, the API answers 503 (connector not initialized).
+        # connector runs, the API answers 503 `starting` with Retry-After.
         try:
             stack.server = await start_server(app, config.host, config.port)
         except OSError as exc:

@@ -63,6 +63,40 @@ async def test_sigkilled_replica_is_replaced_with_exit_recorded(tmp_path: Path) 
         assert listing["Decode"]["restarts"] == 1
 
 
+async def test_a_fixed_spec_clears_the_crash_loop_on_the_next_up(tmp_path: Path) -> None:
+    """As Kubernetes resets CrashLoopBackOff on a new pod spec: the user fixes the command
+    and runs ``up`` again; an unchanged spec stays in its crash loop."""
+    policy = RestartPolicy(backoff_base_s=0.05, backoff_max_s=0.1, crashloop_failures=2)
+    broken = make_graph(svc("Broken", python_cmd("import sys; sys.exit(3)"), restart=policy))
+    async with running(broken, tmp_path) as conn:
+        assert await conn.scale_component("Broken", 1, timeout_s=15) is False
+        assert conn.state.components["Broken"].crashloop is True
+    async with running(broken, tmp_path) as conn:  # the same spec: still looping
+        comp = conn.state.components["Broken"]
+        assert comp.crashloop is True
+        (adopt,) = kinds(conn, "adopt")
+        assert adopt.reason is None
+        assert "crashloop_cleared" not in adopt.details
+        with pytest.raises(CrashLoop, match="Broken is in crashloop"):
+            await conn.scale_component("Broken", 1)
+    fixed = make_graph(svc("Broken", restart=policy))  # `sleep 300`: it runs now
+    async with running(fixed, tmp_path) as conn:
+        comp = conn.state.components["Broken"]
+        assert (comp.crashloop, comp.crashloop_reason, comp.failures) == (False, None, [])
+        (adopt,) = kinds(conn, "adopt")
+        assert adopt.details["crashloop_cleared"] == ["Broken"]
+        assert adopt.reason == (
+            "crash loop cleared for Broken: the spec (command, args, env or resources) "
+            "differs from the one that crash-looped"
+        )
+        assert await conn.scale_component("Broken", 1, timeout_s=15) is True
+        ready = [r for r in conn.state.replicas_of("Broken") if r.phase == "ready"]
+        assert len(ready) == 1
+        assert psutil.Process(ready[0].pid).cmdline()[-2:] == ["sleep", "300"]
+        listing = {c["name"]: c for c in await conn.list_components()}
+        assert listing["Broken"]["status"] == "running"
+
+
 async def test_instantly_exiting_component_reaches_crashloop_and_stops_spawning(
     tmp_path: Path,
 ) -> None:

@@ -459,7 +459,28 @@ INVALID: list[tuple[str, object, str]] = [
         f"{D}.local.readiness",
         {"http": "http://x/", "tcp": 80},
         "graph.yaml: spec.services.Decode.local.readiness: must name exactly one of discovery, "
-        "http, tcp, process, none, got http, tcp",
+        "http, tcp, process, none, got http, tcp (or use a shorthand: `readiness: none`, "
+        "`process` or `discovery`)",
+    ),
+    (
+        f"{D}.local.readiness",
+        {"type": "none"},
+        "graph.yaml: spec.services.Decode.local.readiness.type: unknown key 'type'; expected "
+        "one of discovery, http, tcp, process, none, timeoutSeconds, periodSeconds (for 'none' "
+        "alone, write the shorthand `readiness: none`)",
+    ),
+    (
+        f"{D}.local.readiness",
+        {"kind": "http"},
+        "graph.yaml: spec.services.Decode.local.readiness.kind: unknown key 'kind'; expected "
+        "one of discovery, http, tcp, process, none, timeoutSeconds, periodSeconds",
+    ),
+    (
+        f"{D}.local.readiness",
+        {"timeoutSeconds": 5},
+        "graph.yaml: spec.services.Decode.local.readiness: must name exactly one of discovery, "
+        "http, tcp, process, none, got none of them (or use a shorthand: `readiness: none`, "
+        "`process` or `discovery`)",
     ),
     (
         f"{D}.local.readiness",

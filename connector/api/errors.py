@@ -149,10 +149,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ConnectorError as exc:
-        headers = (
-            {"WWW-Authenticate": 'Bearer realm="dynamo-local"'} if exc.http_status == 401 else None
-        )
-        return error_response(exc, headers)
+        headers: dict[str, str] = {}
+        if exc.http_status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="dynamo-local"'
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return error_response(exc, headers or None)
     except CircusCommandError as exc:
         return error_response(_supervisor_error(exc))
     except web.HTTPException as exc:
