@@ -414,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a graph in the foreground (Ctrl-C stops it)")
     up.add_argument("graph", metavar="GRAPH", help="graph YAML file, directory or module:attr")
-    up.add_argument("--namespace", help="namespace (default: the graph's)")
+    up.add_argument(
+        "--namespace",
+        help="Dynamo namespace the whole graph runs in: every replica's DYN_NAMESPACE, the "
+        "Planner executor's keys and the working dir (default: the graph's)",
+    )
     up.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8787, help="listen port (0: any free port)")
     up.add_argument("--token", default=None, help=f"API bearer token (default: ${TOKEN_ENV})")

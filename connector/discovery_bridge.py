@@ -29,19 +29,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from connector import procs
-from connector.discovery import (
-    Discovery,
-    Instance,
-    ReplicaAddress,
-    listening_ports,
-    match_instance,
-)
+from connector.discovery import Discovery, Instance
+from connector.discovery_owners import Ownership, component_of
 from connector.events import EventLog
 from connector.graph import Graph, Readiness, Service
 from connector.probes import ProbeTarget
 from connector.state import ConnectorState, ReplicaRecord
-from connector.topology import discovery_component
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +52,8 @@ class _Host(Protocol):
     events: EventLog
 
 
-def _ports(rec: ReplicaRecord) -> frozenset[int]:
-    ports = (rec.reservation or {}).get("ports") or {}
-    return frozenset(int(p) for p in ports.values())
+# How many groups of instances a readiness failure lists (the reason stays one line).
+_LISTED_GROUPS = 6
 
 
 class DiscoveryBridge:
@@ -79,12 +71,13 @@ class DiscoveryBridge:
         self.discovery = discovery
         self.extra_env = dict(extra_env or {})
         self.sweep_s = sweep_s
-        self.owners: dict[str, str] = {}  # instance key -> replica id, once decided
+        self.ownership = Ownership()
         self.reaped_total = 0  # entries removed because their replica's process was gone
         self._unsubscribe: Callable[[], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._removing: set[str] = set()
+        self._resolving: set[str] = set()
         # Entries taken out for a drain: their process still holds its lease (and maybe a
         # model card on it) until it exits; then the lease is revoked too.
         self._drained: dict[str, list[Instance]] = {}
@@ -115,101 +108,166 @@ class DiscoveryBridge:
     # ------------------------------------------------------------- identity
 
     def _service_of(self, replica_id: str) -> Service | None:
-        return self.host.graph.services.get(replica_id.rsplit("/", 1)[0])
+        return self.host.graph.services.get(component_of(replica_id))
 
-    def _identity(self, svc: Service) -> tuple[str, str]:
-        return (svc.dynamo_namespace or self.host.graph.namespace, discovery_component(svc))
+    def _namespace(self, svc: Service) -> str:
+        return svc.dynamo_namespace or self.host.graph.namespace
 
     def _records(self) -> dict[str, ReplicaRecord]:
         return {r.replica_id: r for r in self.host.state.replicas.values()}
 
-    def _addresses(self, recs: Iterable[ReplicaRecord]) -> list[ReplicaAddress]:
-        return [ReplicaAddress(r.replica_id, _ports(r), frozenset()) for r in recs]
-
     def owner(self, inst: Instance) -> str | None:
-        """The replica owning ``inst`` by allocated port, or as decided earlier."""
-        known = self.owners.get(inst.key)
-        if known is not None:
-            return known
-        owner = match_instance(inst, self._addresses(self.host.state.replicas.values()))
-        if owner is not None:
-            self.owners[inst.key] = owner
-        return owner
+        """The replica owning ``inst`` as decided earlier, or by allocated port."""
+        return self.ownership.by_port(inst, self.host.state.replicas.values())
 
-    async def _owner_by_socket(self, inst: Instance, recs: Iterable[ReplicaRecord]) -> str | None:
-        """Fallback for a component that picks its own port: whose tree listens on it."""
-        live = [r for r in recs if r.pid is not None]
-        if inst.address is None or not live:
-            return None
-
-        def trees() -> tuple[list[ReplicaAddress], dict[int, int]]:
-            addrs = [
-                ReplicaAddress(r.replica_id, _ports(r), frozenset(procs.tree_pids(r.pid)))
-                for r in live
-            ]
-            return addrs, listening_ports(pid for a in addrs for pid in a.pids)
-
-        addrs, listeners = await asyncio.to_thread(trees)
-        owner = match_instance(inst, addrs, listeners)
-        if owner is not None:
-            self.owners[inst.key] = owner
-        return owner
+    async def resolve_owner(
+        self, inst: Instance, extra: Iterable[ReplicaRecord] = ()
+    ) -> str | None:
+        """The owner by port, else by the process tree holding its listening socket."""
+        recs = [r for r in self.host.state.replicas.values() if r.pid is not None]
+        return await self.ownership.by_socket(inst, [*recs, *extra])
 
     def owned_by(self, replica_id: str) -> list[Instance]:
         return [i for i in self.discovery.instances() if self.owner(i) == replica_id]
 
+    def dynamo_component(self, service: str) -> str | None:
+        """The Dynamo component ``service`` registers as: learnt from its replicas'
+        instances, else what its readiness names; None while nothing is known."""
+        learnt = self.ownership.learnt_component(service)
+        if learnt is not None:
+            return learnt
+        svc = self.host.graph.services.get(service)
+        return svc.readiness.component if svc is not None else None
+
+    def registered_replicas(self, service: str) -> int:
+        """Replicas of ``service`` whose own instance of a readiness endpoint is listed."""
+        svc = self.host.graph.services.get(service)
+        if svc is None:
+            return 0
+        endpoints = set(svc.readiness.endpoints)
+        owners = {
+            owner
+            for inst in self.discovery.instances()
+            if inst.endpoint in endpoints
+            and (owner := self.owner(inst)) is not None
+            and component_of(owner) == service
+        }
+        return len(owners)
+
     # ------------------------------------------------------------- readiness
 
-    async def probe(self, target: ProbeTarget, readiness: Readiness, deadline: float) -> bool:
-        """True once the replica's own instances are registered for the endpoints
-        (``readiness.match``: all or any), False at the deadline or if it dies first."""
+    async def probe(
+        self, target: ProbeTarget, readiness: Readiness, deadline: float
+    ) -> tuple[bool, str]:
+        """Ready once the replica's *own* instances are registered for the endpoints
+        (``readiness.match``: all or any). Its own: the instance advertises one of its
+        allocated ports or a socket its process tree listens on; its namespace and
+        component are then learnt, not assumed. Not ready at the deadline or if it dies
+        first, with a reason that says what discovery did list."""
         svc = self._service_of(target.replica_id)
         if svc is None:
-            return False
-        namespace, component = self._identity(svc)
+            return False, "its service left the graph"
         wanted = set(readiness.endpoints)
         need_all = readiness.match != "any"
         found: set[str] = set()
         rejected: set[str] = set()
-        ports = frozenset(target.ports.values())
 
         def candidate(inst: Instance) -> bool:
-            if (inst.namespace, inst.component) != (namespace, component):
-                return False
             if inst.endpoint not in wanted or inst.endpoint in found or inst.key in rejected:
                 return False
             if self._predates(inst, target.spawned_at):
                 return False  # left behind by an earlier process of this replica
-            owner = self.owners.get(inst.key)
+            owner = self.ownership.known(inst.key)
             return owner is None or owner == target.replica_id
 
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not target.alive():
-                return False
+            if remaining <= 0:
+                return False, self._not_registered_reason(target, svc, readiness)
+            if not target.alive():
+                return False, "process exited during start-up"
             # Woken by the watch; the slice only bounds how late a death is noticed.
             inst = await self.discovery.wait_for(candidate, min(remaining, 1.0))
             if inst is None:
                 continue
-            if await self._is_mine(inst, target, ports):
+            if await self._is_mine(inst, target):
+                self._note_identity(target, svc, readiness, inst)
                 found.add(inst.endpoint)
                 if not need_all or found >= wanted:
-                    return True
+                    return True, ""
             else:
                 rejected.add(inst.key)
 
-    async def _is_mine(self, inst: Instance, target: ProbeTarget, ports: frozenset[int]) -> bool:
-        if inst.address is not None and inst.address[1] in ports:
-            self.owners[inst.key] = target.replica_id
+    async def _is_mine(self, inst: Instance, target: ProbeTarget) -> bool:
+        if inst.address is not None and inst.address[1] in target.ports.values():
+            self.ownership.record(inst, target.replica_id)
             return True
         owner = self.owner(inst)
         if owner is not None:
             return owner == target.replica_id
+        # The record may not carry the new pid yet: search with the probe's own.
         rec = self._records().get(target.replica_id)
-        recs = [r for r in self.host.state.replicas.values() if r.pid is not None]
+        extra = []
         if rec is not None and rec.pid is None:
-            recs.append(rec.model_copy(update={"pid": target.pid}))
-        return await self._owner_by_socket(inst, recs) == target.replica_id
+            extra.append(rec.model_copy(update={"pid": target.pid}))
+        return await self.resolve_owner(inst, extra) == target.replica_id
+
+    def _note_identity(
+        self, target: ProbeTarget, svc: Service, readiness: Readiness, inst: Instance
+    ) -> None:
+        """Say once what a service registers as when the graph named something else: a
+        replica that serves is never failed for a wrong guess of its name."""
+        expected_ns = self._namespace(svc)
+        named = readiness.component
+        if inst.namespace == expected_ns and (named is None or named == inst.component):
+            return
+        wrong = []
+        if named is not None and named != inst.component:
+            wrong.append(f"component {inst.component!r}, not {named!r}")
+        if inst.namespace != expected_ns:
+            wrong.append(f"namespace {inst.namespace!r}, not {expected_ns!r}")
+        self.host.events.emit(
+            "discovery",
+            component=svc.name,
+            replica=target.replica_id,
+            outcome="ok",
+            reason=(
+                f"{target.replica_id} registered {inst.namespace}/{inst.component}/"
+                f"{inst.endpoint} ({'; '.join(wrong)}); counted ready"
+                + (
+                    f"; set local.readiness.discovery.component: {inst.component}"
+                    if named is not None and named != inst.component
+                    else ""
+                )
+            ),
+            details={"key": inst.key, "namespace": inst.namespace, "component": inst.component},
+        )
+
+    def _not_registered_reason(
+        self, target: ProbeTarget, svc: Service, readiness: Readiness
+    ) -> str:
+        groups: dict[str, list[str]] = {}
+        for inst in self.discovery.instances():
+            owner = self.owner(inst) or "foreign"
+            groups.setdefault(f"{inst.namespace}/{inst.component}/{inst.endpoint}", []).append(
+                owner
+            )
+        endpoints = ", ".join(sorted(readiness.endpoints))
+        head = (
+            f"{target.replica_id} registered no instance of {endpoints} within "
+            f"{readiness.timeout_s:g} s (expected in namespace {self._namespace(svc)!r}"
+            + (f", component {readiness.component!r}" if readiness.component else "")
+            + ")"
+        )
+        if not groups:
+            return f"{head}; discovery lists no instance at all"
+        listed = [
+            f"{name} ({', '.join(sorted(set(owners)))})"
+            for name, owners in sorted(groups.items())[:_LISTED_GROUPS]
+        ]
+        more = len(groups) - _LISTED_GROUPS
+        tail = f", and {more} more" if more > 0 else ""
+        return f"{head}; discovery lists {'; '.join(listed)}{tail}"
 
     # --------------------------------------------------------- drain / cleanup
 
@@ -240,12 +298,12 @@ class DiscoveryBridge:
             return
         finally:
             self._removing.discard(inst.key)
-        self.owners.pop(inst.key, None)
+        self.ownership.forget(inst.key)
         if why != "drain":
             self.reaped_total += 1
         self.host.events.emit(
             "reap",
-            component=replica.rsplit("/", 1)[0],
+            component=component_of(replica),
             replica=replica,
             reason=why,
             outcome="ok",
@@ -263,7 +321,7 @@ class DiscoveryBridge:
         for inst in self.discovery.instances():
             owner = self.owner(inst)
             if owner is not None:
-                component = owner.rsplit("/", 1)[0]
+                component = component_of(owner)
                 per_component[component] = per_component.get(component, 0) + 1
         return {"instances": per_component, "stale_reaped_total": self.reaped_total}
 
@@ -292,12 +350,31 @@ class DiscoveryBridge:
 
     def _on_change(self, kind: str, inst: Instance) -> None:
         if kind == "delete":
-            self.owners.pop(inst.key, None)
+            self.ownership.forget(inst.key)
             return
+        if self.owner(inst) is None:
+            # Not ours by port: maybe by socket (a component that picks its own port).
+            # Decided now, while its process is alive, so its cleanup at exit finds it.
+            self._spawn(self._resolve_then_check(inst))
+            return
+        self._check_stale(inst)
+
+    def _check_stale(self, inst: Instance) -> None:
         stale = self.stale_reason(inst)
         if stale is not None:
             owner, why = stale
             self._spawn(self._remove(inst, revoke=True, why=why, replica=owner))
+
+    async def _resolve_then_check(self, inst: Instance) -> None:
+        if inst.key in self._resolving or self.ownership.recently_foreign(inst.key):
+            return
+        self._resolving.add(inst.key)
+        try:
+            owner = await self.resolve_owner(inst)
+        finally:
+            self._resolving.discard(inst.key)
+        if owner is not None and any(i.key == inst.key for i in self.discovery.instances()):
+            self._check_stale(inst)  # still listed: its owner may have died meanwhile
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -308,6 +385,8 @@ class DiscoveryBridge:
         """Remove every stale entry of a managed replica (see :meth:`stale_reason`)."""
         removed = 0
         for inst in self.discovery.instances():
+            if self.owner(inst) is None and not self.ownership.recently_foreign(inst.key):
+                await self.resolve_owner(inst)  # e.g. entries found at re-adoption
             stale = self.stale_reason(inst)
             if stale is not None:
                 owner, why = stale

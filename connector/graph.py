@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from connector.errors import GraphError
@@ -78,6 +78,10 @@ class Readiness:
     timeout_s: float = 120.0
     startup_grace_s: float = 0.5
     period_s: float = 0.2
+    # Chosen by dynamo-local for the service's role (connector.dynamo_defaults), not
+    # written in the graph: a default discovery check falls back to the process check
+    # when no discovery backend runs, instead of failing every replica.
+    default: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,18 @@ class Graph:
 
     def service(self, name: str) -> Service:
         return self.services[name]
+
+    def in_namespace(self, namespace: str) -> Graph:
+        """The same graph run in Dynamo namespace ``namespace``: every service registers
+        there (``DYN_NAMESPACE``) and the Planner executor watches it, whatever the file's
+        ``dynamoNamespace`` said. What ``up --namespace`` and ``LocalConnector.create``
+        mean by a namespace."""
+        if namespace == self.namespace and all(
+            s.dynamo_namespace in (None, namespace) for s in self.services.values()
+        ):
+            return self
+        services = {n: replace(s, dynamo_namespace=None) for n, s in self.services.items()}
+        return replace(self, namespace=namespace, services=services)
 
     def by_sub_type(self, sub: SubComponentType) -> list[Service]:
         return [s for s in self.services.values() if s.sub_component_type is sub]

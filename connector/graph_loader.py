@@ -63,7 +63,7 @@ from typing import Any, NoReturn, TypeVar
 
 import yaml
 
-from connector import quantities, templates
+from connector import dynamo_defaults, quantities, templates
 from connector.errors import GraphError
 from connector.graph import (
     Graph,
@@ -424,21 +424,24 @@ def _service(
 
     ports = _allocations(r, local.get("ports"), f"{lp}.ports", "port", PortSpec)
     sockets = _allocations(r, local.get("sockets"), f"{lp}.sockets", "socket", SocketSpec)
+    command, args, working_dir = _container(r, svc.get("extraPodSpec"), path, base_dir)
+    own_envs = _envs(r, svc.get("envs"), f"{path}.envs")
+    envs = dict(graph_envs)
+    envs.update(own_envs)  # a service's own value wins over the graph-wide one
+    # The role's ports the service did not declare (DYN_SYSTEM_PORT, ...): named like
+    # declared ones, so templates and readiness may use them.
+    ports += dynamo_defaults.implicit_ports(role, ports, envs)
     allocated = {"port": [p.name for p in ports], "socket": [s.name for s in sockets]}
 
-    command, args, working_dir = _container(r, svc.get("extraPodSpec"), path, base_dir)
     for i, part in enumerate(command):
         _check_templates(r, part, f"{path}.extraPodSpec.mainContainer.command[{i}]", allocated)
     for i, part in enumerate(args):
         _check_templates(r, part, f"{path}.extraPodSpec.mainContainer.args[{i}]", allocated)
 
-    own_envs = _envs(r, svc.get("envs"), f"{path}.envs")
     for i, (_, value) in enumerate(graph_envs):
         _check_templates(r, value, f"spec.envs[{i}].value", allocated, service=name)
     for i, (_, value) in enumerate(own_envs):
         _check_templates(r, value, f"{path}.envs[{i}].value", allocated)
-    envs = dict(graph_envs)
-    envs.update(own_envs)  # a service's own value wins over the graph-wide one
     _check_allocation_envs(r, ports, f"{lp}.ports", envs)
     _check_allocation_envs(r, sockets, f"{lp}.sockets", envs)
 
@@ -466,7 +469,8 @@ def _service(
         resources=resources,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
-        readiness=_readiness(r, local.get("readiness"), f"{lp}.readiness", ports, allocated),
+        readiness=_readiness(r, local.get("readiness"), f"{lp}.readiness", ports, allocated)
+        or dynamo_defaults.default_readiness(role, (*command, *args), envs, ports),
         graceful_stop_s=_optional_seconds(
             r, local, "gracefulStopSeconds", lp, defaults.graceful_stop_s
         ),
@@ -594,7 +598,8 @@ def _check_templates(
         owner = f" of service {service}" if service else ""
         r.fail(
             path,
-            f"{template} names no declared {kind}{owner} (local.{kind}s declares: {listed})",
+            # "its": local.ports plus the role's default ports (connector.dynamo_defaults).
+            f"{template} names no {kind}{owner} (its {kind}s: {listed})",
         )
 
 
@@ -651,9 +656,9 @@ def _readiness(
     path: str,
     ports: Sequence[PortSpec],
     allocated: Mapping[str, Sequence[str]],
-) -> Readiness:
+) -> Readiness | None:
     if raw is None:
-        return Readiness()
+        return None  # the role's default (connector.dynamo_defaults)
     if isinstance(raw, str):  # shorthand: `readiness: none`, `process` or `discovery`
         kind = r.choice(raw, path, _READINESS_SHORTHANDS)
         return Readiness(kind=ReadinessKind(kind))
@@ -752,7 +757,7 @@ def _tcp_port(r: _Reader, value: object, path: str, ports: Sequence[PortSpec]) -
     declared = [p.name for p in ports]
     if name not in declared:
         listed = _choices(declared) if declared else "none"
-        r.fail(path, f"names no declared port {name!r} (local.ports declares: {listed})")
+        r.fail(path, f"names no port {name!r} (its ports: {listed})")
     return name
 
 

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from connector.discovery import Discovery, open_discovery
 from connector.discovery_bridge import DiscoveryBridge
 from connector.errors import DiscoveryUnavailable
-from connector.planner import DecisionOutcome, VirtualConnectorExecutor, apply_decision
+from connector.graph import Graph, SubComponentType
+from connector.planner import (
+    DecisionOutcome,
+    VirtualConnectorExecutor,
+    apply_decision,
+    resolve_component,
+)
 from connector.queues import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
 from connector.topology import build_topology, observe_links
 
@@ -109,7 +116,7 @@ async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor
         # replicas and runs its loop, so it never races the adoption.
         if not await connector.wait_started():
             return DecisionOutcome("failed", "connector shut down during start-up")
-        return await apply_decision(
+        outcome = await apply_decision(
             connector.graph,
             connector,
             prefill,
@@ -117,12 +124,52 @@ async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor
             decision_id,
             timeout_s=opts.scale_timeout_s,
         )
+        interop = interop_of(connector)
+        if interop is None or interop.bridge is None or not outcome.applied:
+            return outcome
+        return await until_discovered(
+            connector.graph, interop.bridge, outcome, DISCOVERED_WAIT_S
+        )
 
     executor = VirtualConnectorExecutor(
         opts.etcd_url, connector.graph.namespace, apply, connector.events
     )
     await executor.start()
     return executor
+
+
+# How long an acknowledgement waits, after the scale, for discovery to list the desired
+# instances (a replica's readiness already waited for its registration; this covers the
+# replicas whose readiness is not discovery, and the keys of stopped ones going away).
+DISCOVERED_WAIT_S = 30.0
+
+
+async def until_discovered(
+    graph: Graph, bridge: DiscoveryBridge, outcome: DecisionOutcome, limit_s: float
+) -> DecisionOutcome:
+    """``outcome`` once discovery lists, for each component the decision scaled, exactly
+    as many replicas' instances as it set; as upstream's newer VirtualConnector calls a
+    deployment stable only then. Past ``limit_s`` the outcome turns ``partial`` and says
+    what discovery listed, so the Planner is still acknowledged, never left waiting."""
+    services = {
+        sub: resolve_component(graph, SubComponentType(sub)).name for sub in outcome.applied
+    }
+
+    def missing() -> list[str]:
+        short = []
+        for sub, target in outcome.applied.items():
+            listed = bridge.registered_replicas(services[sub])
+            if listed != target:
+                short.append(f"{services[sub]}: discovery lists {listed} of {target}")
+        return short
+
+    deadline = time.monotonic() + limit_s
+    while missing():
+        if time.monotonic() > deadline:
+            reasons = [r for r in (outcome.reason, *missing()) if r]
+            return DecisionOutcome("partial", "; ".join(reasons), outcome.applied)
+        await asyncio.sleep(0.05)
+    return outcome
 
 
 def _queue_monitor(connector: LocalConnector) -> PrefillQueueMonitor:
@@ -162,8 +209,10 @@ async def system_topology(connector: LocalConnector) -> dict[str, Any]:
     view = connector.view()
     instances = interop.discovery.instances() if interop and interop.discovery else []
     owners: dict[str, str | None] = {}
+    components: dict[str, str] = {}
     if interop is not None and interop.bridge is not None:
         owners = {inst.key: interop.bridge.owner(inst) for inst in instances}
+        components = dict(interop.bridge.ownership.learnt())
 
     def measure() -> Any:
         pids = {
@@ -173,7 +222,7 @@ async def system_topology(connector: LocalConnector) -> dict[str, Any]:
         return observe_links(pids)
 
     links = await asyncio.to_thread(measure)
-    return build_topology(connector.graph, view, instances, links, owners)
+    return build_topology(connector.graph, view, instances, links, owners, components)
 
 
 async def prefill_queue_metrics(connector: LocalConnector) -> dict[str, Any]:

@@ -131,8 +131,9 @@ class LocalConnector(PlannerConnectorMixin):
         working_dir: str | Path | None = None,
         **options: Any,
     ) -> LocalConnector:
-        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``)
-        and return a connector that is already initialized (circusd up, replicas re-adopted,
+        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``),
+        run it in Dynamo namespace ``namespace`` (every service registers there, whatever
+        the file says) and return a connector that is already initialized (circusd up, replicas re-adopted,
         the loop running), as ``asyncpg.create_pool()`` returns a ready pool. Either::
 
             c = await LocalConnector.create("demo", "graph.yaml")
@@ -148,7 +149,7 @@ class LocalConnector(PlannerConnectorMixin):
         graph = await asyncio.to_thread(load_graph, bento_identifier)
         connector = cls(
             namespace,
-            graph,
+            graph.in_namespace(namespace),
             Path(working_dir) if working_dir is not None else None,
             ConnectorOptions(**options),
         )

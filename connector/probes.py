@@ -30,7 +30,8 @@ class ProbeTarget:
     gpu: dict[str, str] | None = None  # {gpu.*} template values; None: holds no GPU
 
 
-DiscoveryProbe = Callable[[ProbeTarget, Readiness, float], Awaitable[bool]]
+# (ready, reason when not): the reason says what discovery listed instead.
+DiscoveryProbe = Callable[[ProbeTarget, Readiness, float], Awaitable[tuple[bool, str]]]
 
 
 async def _http_ok(url: str, session: aiohttp.ClientSession) -> bool:
@@ -74,6 +75,8 @@ async def wait_ready(
     kind = readiness.kind
     if kind is ReadinessKind.NONE:
         return True, ""
+    if kind is ReadinessKind.DISCOVERY and discovery_probe is None and readiness.default:
+        kind = ReadinessKind.PROCESS  # the role's default, and no discovery runs
     if kind is ReadinessKind.PROCESS:
         wait = target.spawned_at + readiness.startup_grace_s - time.time()
         if wait > 0:
@@ -82,10 +85,7 @@ async def wait_ready(
     if kind is ReadinessKind.DISCOVERY:
         if discovery_probe is None:
             return False, "discovery readiness needs a discovery backend"
-        ok = await discovery_probe(target, readiness, deadline)
-        if ok:
-            return True, ""
-        return False, "not registered in discovery before the readiness timeout"
+        return await discovery_probe(target, readiness, deadline)
 
     url = templates.expand(
         readiness.url or "", templates.values_of(target.ports, target.sockets, target.gpu)

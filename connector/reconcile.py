@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from connector import procs, templates
+from connector.dynamo_defaults import LOOPBACK_ENV, discovery_component
 from connector.errors import (
     ComponentNotFound,
     ConnectorError,
@@ -386,11 +387,12 @@ class Reconciler:
     ) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.hooks.replica_env())
+        env.update(LOOPBACK_ENV)
         env.update(
             {
                 "DYN_NAMESPACE": svc.dynamo_namespace or self.graph.namespace,
-                "DYN_COMPONENT": svc.readiness.component or svc.name.lower(),
-                "DYN_TCP_RPC_HOST": "127.0.0.1",
+                # Read by dynamo-local's mock worker, which registers like Dynamo's own.
+                "DYN_COMPONENT": discovery_component(svc),
                 "DYNAMO_LOCAL_NAMESPACE": self.namespace,
                 "DYNAMO_LOCAL_COMPONENT": svc.name,
                 "DYNAMO_LOCAL_REPLICA": rec.replica_id,

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from connector.discovery import Instance, ReplicaAddress, match_instance
+from connector.dynamo_defaults import discovery_component
 from connector.graph import Graph, Service
 from connector.view import ConnectorView, ReplicaView
 
@@ -33,11 +34,6 @@ class ObservedLink:
     source: str
     target: str
     connections: int
-
-
-def discovery_component(svc: Service) -> str:
-    """The component name a service's replicas register under in Dynamo's discovery."""
-    return svc.readiness.component or svc.name.lower()
 
 
 def _replica_id(rep: ReplicaView) -> str:
@@ -73,8 +69,13 @@ def build_topology(
     instances: Iterable[Instance],
     links: Iterable[ObservedLink] = (),
     owners: Mapping[str, str | None] | None = None,
+    components: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Nodes (one per graph component) and edges, as a JSON-able dict.
+
+    ``components`` maps a service to the Dynamo component its replicas were seen
+    registering as (learnt by the discovery bridge); an instance is placed under the
+    service of the replica that owns it, else under the service expected to register it.
 
     ``owners`` maps an instance key to the replica that owns it (from
     :func:`connector.discovery.match_instance` with listening sockets); without it, owners
@@ -95,16 +96,24 @@ def build_topology(
             return owners[inst.key]
         return match_instance(inst, replica_addrs)
 
+    learnt = components or {}
+
+    def component_name(name: str, svc: Service) -> str:
+        return learnt.get(name) or discovery_component(svc)
+
     by_identity: dict[tuple[str, str], str] = {}
     for name, svc in graph.services.items():
         ns = svc.dynamo_namespace or graph.namespace
-        by_identity[(ns, discovery_component(svc))] = name
+        by_identity[(ns, component_name(name, svc))] = name
 
     node_instances: dict[str, list[dict[str, Any]]] = {name: [] for name in graph.services}
     external: list[dict[str, Any]] = []
     for inst in sorted(instances, key=lambda i: (i.namespace, i.component, i.endpoint, i.key)):
-        node = by_identity.get((inst.namespace, inst.component))
-        entry = _instance_entry(inst, owner_of(inst))
+        owner = owner_of(inst)
+        node = owner.rsplit("/", 1)[0] if owner else None
+        if node not in node_instances:
+            node = by_identity.get((inst.namespace, inst.component))
+        entry = _instance_entry(inst, owner)
         if node is None:
             external.append(entry)
         else:
@@ -123,7 +132,7 @@ def build_topology(
                     svc.sub_component_type.value if svc.sub_component_type else None
                 ),
                 "dynamo_namespace": svc.dynamo_namespace or graph.namespace,
-                "dynamo_component": discovery_component(svc),
+                "dynamo_component": component_name(name, svc),
                 "status": comp.status if comp else "stopped",
                 "replicas": {
                     "desired": comp.desired if comp else svc.replicas,

@@ -67,8 +67,9 @@ async def _load_connector(config: UpConfig) -> LocalConnector:
     from connector.graph_loader import load_graph
 
     graph = await asyncio.to_thread(load_graph, config.graph)
-    namespace = config.namespace or graph.namespace
-    return LocalConnector(namespace, graph, config.working_dir, config.options())
+    if config.namespace:
+        graph = graph.in_namespace(config.namespace)  # one namespace, everywhere
+    return LocalConnector(graph.namespace, graph, config.working_dir, config.options())
 
 
 def _install_signals(stop: asyncio.Event, out: Callable[[str], None]) -> Callable[[], None]:

@@ -177,6 +177,8 @@ async def test_up_serves_then_a_signal_stops_everything(
             assert "dynamo_local_" in await resp.text()
         async with http.get(up.url + "/") as resp:
             assert resp.status == 200 and resp.content_type == "text/html"
+        # Front starts beside Work, on its own task: Work being ready says nothing of it.
+        await _wait_ready(http, up.url, "Front", 1)
         pids = await _pids(http, up.url, up.working_dir)
         assert len(pids) == 5  # 4 replicas and circusd
     finally:
@@ -194,15 +196,26 @@ async def test_up_hands_out_ports_from_the_range_it_is_given(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     # Below Dynamo's 32767 limit, and away from the default range other tests use.
-    first = next(p for p in range(30000, 32760, 7) if all(bindable(p + i) for i in range(3)))
-    up = await start_up(tmp_path, "--port-range", f"{first}-{first + 2}", "--release-timeout", "5")
+    # Ten ports: the frontend's default `http`, and each of three workers' `system` (declared)
+    # plus its default `rpc` and `fpm` (connector.dynamo_defaults).
+    first = next(p for p in range(30000, 32760, 11) if all(bindable(p + i) for i in range(10)))
+    last = first + 9
+    up = await start_up(tmp_path, "--port-range", f"{first}-{last}", "--release-timeout", "5")
     try:
         scaled = await cli("scale", "Work", "3", "--wait", "--url", up.url)
         assert scaled.code == 0, scaled.err
         async with http.get(up.url + "/v1/resources") as resp:
             body = await resp.json()
-        assert body["port_range"] == [first, first + 2]
-        assert sorted(p["system"] for p in body["ports"].values()) == [first, first + 1, first + 2]
+        assert body["port_range"] == [first, last]
+        held = body["ports"]
+        assert {r: sorted(p) for r, p in held.items()} == {
+            "Front/1": ["http"],
+            "Work/1": ["fpm", "rpc", "system"],
+            "Work/2": ["fpm", "rpc", "system"],
+            "Work/3": ["fpm", "rpc", "system"],
+        }
+        numbers = sorted(n for ports in held.values() for n in ports.values())
+        assert numbers == list(range(first, last + 1))
     finally:
         up.proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(up.proc.wait(), 60) == 0

@@ -141,9 +141,9 @@ async def test_ready_once_all_endpoints_of_its_own_instance_are_registered(files
     assert not probe.done()
     started = time.monotonic()
     key = register(disc.root, 0xA, 20011, "clear_kv_blocks")
-    assert await asyncio.wait_for(probe, 5) is True
+    assert await asyncio.wait_for(probe, 5) == (True, "")
     assert time.monotonic() - started < 0.5
-    assert bridge.owners[key] == mine
+    assert bridge.ownership.known(key) == mine
     assert bridge.owner(disc.get(instance_key(NS, "backend", "generate", 0xB))) == other
 
 
@@ -157,7 +157,7 @@ async def test_any_endpoint_is_enough_with_match_any(files: Any) -> None:
         match="any",
     )
     register(disc.root, 0xA, 20011, "clear_kv_blocks")
-    assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) is True
+    assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) == (True, "")
 
 
 async def test_an_entry_left_by_an_earlier_process_does_not_make_it_ready(
@@ -174,9 +174,11 @@ async def test_an_entry_left_by_an_earlier_process_does_not_make_it_ready(
         register(disc.root, 0xDEAD, 20011, mtime=time.time() - 60)  # same port, a minute old
         await until(lambda: len(disc.instances()) == 1)
         probe_target = target(host, mine)
-        assert await bridge.probe(probe_target, readiness, time.monotonic() + 0.3) is False
+        ready, reason = await bridge.probe(probe_target, readiness, time.monotonic() + 0.3)
+        assert ready is False
+        assert reason.startswith("Decode/1 registered no instance of generate within 120 s")
         register(disc.root, 0xA, 20011)
-        assert await bridge.probe(probe_target, readiness, time.monotonic() + 5) is True
+        assert await bridge.probe(probe_target, readiness, time.monotonic() + 5) == (True, "")
     finally:
         await disc.close()
 
@@ -194,7 +196,7 @@ async def test_probe_gives_up_when_the_process_dies(files: Any) -> None:
     )
     await asyncio.sleep(0.05)
     dead.set()
-    assert await asyncio.wait_for(probe, 3) is False
+    assert await asyncio.wait_for(probe, 3) == (False, "process exited during start-up")
 
 
 async def test_owner_by_listening_socket_when_no_port_was_allocated(files: Any) -> None:
@@ -206,8 +208,8 @@ async def test_owner_by_listening_socket_when_no_port_was_allocated(files: Any) 
         mine = host.add(1, None, pid=os.getpid())
         register(disc.root, 0xC, port)
         readiness = Readiness(kind=ReadinessKind.DISCOVERY, component="backend")
-        assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) is True
-    assert bridge.owners[instance_key(NS, "backend", "generate", 0xC)] == mine
+        assert await bridge.probe(target(host, mine), readiness, time.monotonic() + 5) == (True, "")
+    assert bridge.ownership.known(instance_key(NS, "backend", "generate", 0xC)) == mine
 
 
 async def test_drain_and_exit_remove_only_the_replicas_own_entries(files: Any) -> None:
@@ -242,6 +244,9 @@ async def test_reaper_removes_entries_of_replicas_not_running_at_once(files: Any
     assert time.monotonic() - started < 0.5
     await until(lambda: len(disc.instances()) == 2)
     assert sorted(i.key for i in disc.instances()) == sorted([k_live, k_foreign])
+    # The reaper records the reap when its unlink (in a thread) returns; the watch can
+    # drop the entry from the cache before that.
+    await until(lambda: bool(reaps(host)))
     assert reaps(host) == [(dead, "owner not running", k_dead)]
 
 
@@ -253,6 +258,7 @@ async def test_sweep_removes_what_an_earlier_process_left(files: Any) -> None:
     k_new = register(disc.root, 0xA, 20011)
     await until(lambda: len(disc.instances()) == 1)  # the put already reaped the old one
     assert [i.key for i in disc.instances()] == [k_new]
+    await until(lambda: bool(reaps(host)))  # recorded once the unlink's thread returns
     assert reaps(host) == [(mine, "left by an earlier process of the replica", k_old)]
     assert await bridge.sweep() == 0
 
@@ -325,3 +331,103 @@ async def test_stats_count_owned_instances_and_reaped_not_drained(files: Any) ->
     await bridge.before_stop(host.rec(drained))
     await bridge.after_exit(host.rec(crashed))
     assert bridge.stats() == {"instances": {"Decode": 0}, "stale_reaped_total": 2}
+
+
+# ------------------------------------------------- a plain DynamoGraphDeployment's worker
+
+PLAIN = Graph(
+    name="g",
+    namespace=NS,
+    services={
+        # What a graph copied from Kubernetes loads to: no component name anywhere.
+        "Decode": Service(
+            name="Decode",
+            role=Role.WORKER,
+            command=("w",),
+            readiness=Readiness(kind=ReadinessKind.DISCOVERY, default=True),
+        ),
+    },
+)
+
+
+async def test_the_component_a_worker_registers_as_is_learnt_not_guessed(
+    tmp_path: Path,
+) -> None:
+    host = Host(graph=PLAIN)
+    disc = FileDiscovery(tmp_path / "kv", poll_s=60)
+    await disc.start()
+    bridge = DiscoveryBridge(host, disc)
+    await bridge.start()
+    try:
+        mine = host.add(1, 20011)
+        host.add(2, 20012)
+        assert bridge.dynamo_component("Decode") is None  # nothing known yet
+        probe = asyncio.create_task(
+            bridge.probe(
+                target(host, mine), PLAIN.services["Decode"].readiness, time.monotonic() + 5
+            )
+        )
+        register(disc.root, 0xF, 31000)  # foreign: no replica's port
+        register(disc.root, 0xB, 20012)  # Decode/2's
+        await asyncio.sleep(0.1)
+        assert not probe.done()
+        register(disc.root, 0xA, 20011)  # Dynamo's decode worker registers as `backend`
+        assert await asyncio.wait_for(probe, 5) == (True, "")
+        assert bridge.dynamo_component("Decode") == "backend"
+        assert bridge.registered_replicas("Decode") == 2
+        # Registered where expected: nothing to say about it.
+        assert [e for e in host.events.since(0) if e.kind == "discovery"] == []
+    finally:
+        await bridge.close()
+        await disc.close()
+
+
+async def test_a_serving_replica_is_ready_whatever_component_the_graph_guessed(
+    files: Any,
+) -> None:
+    host, disc, bridge = files
+    mine = host.add(1, 20011)
+    guessed = Readiness(kind=ReadinessKind.DISCOVERY, component="decode")  # a wrong guess
+    register(disc.root, 0xA, 20011)  # it registers as `backend`
+    assert await bridge.probe(target(host, mine), guessed, time.monotonic() + 5) == (True, "")
+    (said,) = [e for e in host.events.since(0) if e.kind == "discovery"]
+    assert said.replica == mine
+    assert said.reason == (
+        "Decode/1 registered dyn/backend/generate (component 'backend', not 'decode'); "
+        "counted ready; set local.readiness.discovery.component: backend"
+    )
+
+
+async def test_the_timeout_reason_says_what_discovery_listed(files: Any) -> None:
+    host, disc, bridge = files
+    mine = host.add(1, 20011)
+    other = host.add(2, 20012)
+    register(disc.root, 0xB, 20012)
+    register(disc.root, 0xF, 31000)
+    await until(lambda: len(disc.instances()) == 2)
+    readiness = Readiness(kind=ReadinessKind.DISCOVERY, timeout_s=0.2)
+    ready, reason = await bridge.probe(target(host, mine), readiness, time.monotonic() + 0.2)
+    assert ready is False
+    assert reason == (
+        f"{mine} registered no instance of generate within 0.2 s (expected in namespace "
+        f"'dyn'); discovery lists dyn/backend/generate ({other}, foreign)"
+    )
+
+
+async def test_an_instance_is_owned_by_socket_whatever_the_readiness_kind(files: Any) -> None:
+    """A replica that picks its own port and is not probed through discovery (readiness
+    `process`): its instance is still attributed when it appears, so its exit removes it
+    at once instead of leaving it for the lease TTL."""
+    host, disc, bridge = files
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        mine = host.add(1, None, phase="ready", pid=os.getpid())
+        key = register(disc.root, 0xC, port)
+        await until(lambda: bridge.ownership.known(key) == mine)
+    assert bridge.dynamo_component("Decode") == "backend"
+    host.rec(mine).phase = "exited"
+    await bridge.after_exit(host.rec(mine))
+    assert disc.instances() == []
+    assert reaps(host) == [(mine, "process exited", key)]

@@ -78,7 +78,12 @@ def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
             graceful_stop_s=20.0,
             drain_s=1.5,
             restart=RestartPolicy(mode=RestartMode.ON_FAILURE, backoff_base_s=2.0),
-            ports=(PortSpec("system", "DYN_SYSTEM_PORT"),),
+            ports=(
+                PortSpec("system", "DYN_SYSTEM_PORT"),
+                # A worker's default ports beside the declared one (connector.dynamo_defaults).
+                PortSpec("rpc", "DYN_TCP_RPC_PORT"),
+                PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+            ),
             sockets=(SocketSpec("kv"),),
         )
     }
@@ -176,7 +181,7 @@ def test_namespace_argument_and_default() -> None:
         (
             {"args": ["{port.http}"]},
             "graph 'g': spec.services.W.extraPodSpec.mainContainer.args[0]: {port.http} names "
-            "no declared port (local.ports declares: none)",
+            "no port (its ports: system, rpc, fpm)",
         ),
         (
             {"depends": ["Missing"]},
@@ -184,9 +189,9 @@ def test_namespace_argument_and_default() -> None:
             "(services: W)",
         ),
         (
-            {"readiness": {"tcp": "rpc"}, "ports": ["system"]},
-            "graph 'g': spec.services.W.local.readiness.tcp: names no declared port 'rpc' "
-            "(local.ports declares: system)",
+            {"readiness": {"tcp": "grpc"}, "ports": ["system"]},
+            "graph 'g': spec.services.W.local.readiness.tcp: names no port 'grpc' "
+            "(its ports: system, rpc, fpm)",
         ),
         (
             {"restart": "sometimes"},

@@ -108,6 +108,8 @@ def test_full_sample_loads_to_exact_objects() -> None:
             replicas=0,
             envs=(("DYN_LOG", "debug"), ("SHARED", "graph")),
             readiness=Readiness(kind=ReadinessKind.NONE),
+            # A router's default ports (connector.dynamo_defaults), not declared in the file.
+            ports=(PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT")),
         ),
         "Decode": Service(
             name="Decode",
@@ -143,7 +145,12 @@ def test_full_sample_loads_to_exact_objects() -> None:
                 crashloop_window_s=120.0,
             ),
             depends_on=("Prefill",),
-            ports=(PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc")),
+            # `rpc` is declared without an env var, so the default `rpc` is not added.
+            ports=(
+                PortSpec("system", "DYN_SYSTEM_PORT"),
+                PortSpec("rpc"),
+                PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+            ),
             sockets=(SocketSpec("kv", "KV_SOCKET"),),
         ),
         "Prefill": Service(
@@ -158,7 +165,11 @@ def test_full_sample_loads_to_exact_objects() -> None:
             ),
             readiness=Readiness(kind=ReadinessKind.TCP, port="rpc"),
             restart=RestartPolicy(mode=RestartMode.NEVER),
-            ports=(PortSpec("rpc"),),
+            ports=(
+                PortSpec("rpc"),
+                PortSpec("system", "DYN_SYSTEM_PORT"),
+                PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+            ),
         ),
         "Planner": Service(
             name="Planner",
@@ -167,6 +178,7 @@ def test_full_sample_loads_to_exact_objects() -> None:
             envs=(("DYN_LOG", "debug"), ("SHARED", "graph")),
             readiness=Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=3.0),
             depends_on=("Decode", "Prefill"),
+            ports=(PortSpec("system", "DYN_SYSTEM_PORT"),),
         ),
     }
 
@@ -177,13 +189,24 @@ def test_minimal_sample_takes_every_default() -> None:
         name="minimal",
         namespace="minimal",
         services={
-            "Worker": Service(name="Worker", role=Role.WORKER, command=("python3", "worker.py"))
+            "Worker": Service(
+                name="Worker",
+                role=Role.WORKER,
+                command=("python3", "worker.py"),
+                readiness=Readiness(kind=ReadinessKind.DISCOVERY, default=True),
+                ports=(
+                    PortSpec("system", "DYN_SYSTEM_PORT"),
+                    PortSpec("rpc", "DYN_TCP_RPC_PORT"),
+                    PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+                ),
+            )
         },
         source=str(SAMPLES / "minimal.yaml"),
     )
     svc = graph.services["Worker"]
     assert (svc.replicas, svc.min_replicas, svc.max_replicas) == (1, 0, None)
-    assert svc.readiness.kind is ReadinessKind.PROCESS
+    # A worker is ready once registered, under the component it registers as (learnt).
+    assert (svc.readiness.kind, svc.readiness.component) == (ReadinessKind.DISCOVERY, None)
     assert svc.restart.mode is RestartMode.ALWAYS
 
 
@@ -193,9 +216,15 @@ def test_demo_example_runs_mock_workers_in_namespace_demo() -> None:
     assert list(graph.services) == ["Frontend", "Prefill", "Decode"]
     mock = (PY, "-m", "connector.mockworker")
     ports = (PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT"))
+    # Beside the declared ports, each role's defaults (connector.dynamo_defaults).
+    extra = {
+        "Frontend": (PortSpec("http", "DYN_HTTP_PORT"),),
+        "Prefill": (PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),),
+        "Decode": (PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),),
+    }
     small = ResourceRequest(gpu=0.0, cpu=0.1, memory_bytes=64 << 20)
-    for s in graph.services.values():
-        assert (s.command, s.ports, s.dynamo_namespace) == (mock, ports, "demo")
+    for n, s in graph.services.items():
+        assert (s.command, s.ports, s.dynamo_namespace) == (mock, ports + extra[n], "demo")
     # Only the frontend has a memory limit (so the demo shows one on the dashboards).
     assert {n: s.resources for n, s in graph.services.items()} == {
         "Frontend": replace(small, memory_limit_bytes=1 << 30),
@@ -378,13 +407,13 @@ INVALID: list[tuple[str, object, str]] = [
         f"{D}.extraPodSpec.mainContainer.args",
         ["--port", "{port.http}"],
         "graph.yaml: spec.services.Decode.extraPodSpec.mainContainer.args[1]: {port.http} names "
-        "no declared port (local.ports declares: system)",
+        "no port (its ports: system, rpc, fpm)",
     ),
     (
         f"{D}.extraPodSpec.mainContainer.args",
         ["--sock={socket.kv}"],
         "graph.yaml: spec.services.Decode.extraPodSpec.mainContainer.args[0]: {socket.kv} names "
-        "no declared socket (local.sockets declares: none)",
+        "no socket (its sockets: none)",
     ),
     (
         f"{D}.extraPodSpec.mainContainer.args",
@@ -395,14 +424,14 @@ INVALID: list[tuple[str, object, str]] = [
     (
         f"{D}.envs",
         [{"name": "URL", "value": "http://h:{port.metrics}"}],
-        "graph.yaml: spec.services.Decode.envs[0].value: {port.metrics} names no declared port "
-        "(local.ports declares: system)",
+        "graph.yaml: spec.services.Decode.envs[0].value: {port.metrics} names no port "
+        "(its ports: system, rpc, fpm)",
     ),
     (
         "spec.envs",
         [{"name": "PORT", "value": "{port.system}"}],
-        "graph.yaml: spec.envs[0].value: {port.system} names no declared port of service "
-        "Frontend (local.ports declares: none)",
+        "graph.yaml: spec.envs[0].value: {port.system} names no port of service "
+        "Frontend (its ports: http)",
     ),
     (
         f"{D}.envs",
@@ -440,14 +469,14 @@ INVALID: list[tuple[str, object, str]] = [
     (
         f"{D}.local.readiness",
         {"http": "http://127.0.0.1:{port.web}/"},
-        "graph.yaml: spec.services.Decode.local.readiness.http: {port.web} names no declared "
-        "port (local.ports declares: system)",
+        "graph.yaml: spec.services.Decode.local.readiness.http: {port.web} names no port "
+        "(its ports: system, rpc, fpm)",
     ),
     (
         f"{D}.local.readiness",
-        {"tcp": "rpc"},
-        "graph.yaml: spec.services.Decode.local.readiness.tcp: names no declared port 'rpc' "
-        "(local.ports declares: system)",
+        {"tcp": "grpc"},
+        "graph.yaml: spec.services.Decode.local.readiness.tcp: names no port 'grpc' "
+        "(its ports: system, rpc, fpm)",
     ),
     (
         f"{D}.local.readiness",

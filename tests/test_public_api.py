@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 import zmq
 import zmq.asyncio
@@ -169,3 +170,31 @@ async def test_api_answers_503_starting_with_retry_after_while_the_connector_sta
         await c.shutdown()
         silent.close(linger=0)
         ctx.term()
+
+
+async def test_the_namespace_given_to_create_is_where_every_replica_registers(
+    tmp_path: Path,
+) -> None:
+    """One meaning for a namespace (``create``'s first argument, ``up --namespace``): the
+    Dynamo namespace every replica gets as ``DYN_NAMESPACE``, whatever the file says."""
+    path = _graph_file(tmp_path)
+    path.write_text(
+        path.read_text().replace("replicas: 1", "replicas: 1\n      dynamoNamespace: infile")
+    )
+    async with await LocalConnector.create(
+        "elsewhere", path, tmp_path / "wd", discovery="none", gpu_backend="none"
+    ) as c:
+        assert c.graph.namespace == "elsewhere"
+        assert c.graph.services["Decode"].dynamo_namespace is None
+        assert await c.scale_component("Decode", 1, timeout_s=15) is True
+        (pid,) = pids(c, "Decode").values()
+        assert pid is not None
+        env = await asyncio.to_thread(lambda: psutil.Process(pid).environ())
+        assert env["DYN_NAMESPACE"] == "elsewhere"
+        assert (env["DYN_TCP_RPC_HOST"], env["DYN_SYSTEM_HOST"]) == ("127.0.0.1", "127.0.0.1")
+        # A worker's default ports, one of its own each (connector.dynamo_defaults).
+        ports = {
+            k: int(env[k])
+            for k in ("DYN_SYSTEM_PORT", "DYN_TCP_RPC_PORT", "DYN_FORWARDPASS_METRIC_PORT")
+        }
+        assert len(set(ports.values())) == 3
