@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nvml-fake",
         metavar="CAPTURE",
-        help="also sample GPUs from an NVML capture (../shared/fixtures/nvml/*.json)",
+        help="also sample GPUs from an NVML capture (tests/fixtures/nvml/*.json)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     return asyncio.run(main_async(parser.parse_args(argv)))

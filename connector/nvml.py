@@ -101,7 +101,7 @@ def _div(value: Any, by: float) -> float | None:
 
 
 class FakeGpuBackend:
-    """Replays real NVML captures (``shared/fixtures/nvml/*.json``).
+    """Replays real NVML captures (``tests/fixtures/nvml/*.json`` in the repository).
 
     ``pid_map`` rewrites the capture's PIDs to those of test processes (a mapping, or a
     callable returning one at each sample). ``copies`` repeats the captured devices to make a

@@ -255,7 +255,8 @@ def key(name: str, **labels: str) -> str:
 
 # --- NVML captures ----------------------------------------------------------------------------
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "nvml"
+# The captures are in the repository (the same folder as ``tests.nvml_fakes.FIXTURES``).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvml"
 
 
 def gpu_backend(capture: str, pids: Mapping[int, int]) -> Any:

@@ -1,9 +1,8 @@
 """NVML test material: where the real captures are, machines built from them, and a scripted
 ``pynvml`` module that drives :class:`connector.nvml.NvmlBackend` without a GPU.
 
-The captures live in ``shared/fixtures/nvml`` beside the clone (read-only in CI), found by
-walking up from the repository root. ``tests/data`` keeps a trimmed copy of the H100 capture
-so the resource tests run even without them; a test needing another capture skips cleanly.
+The captures live in the repository, in ``tests/fixtures/nvml``, so a fresh clone runs every
+NVML test without anything beside it.
 """
 
 from __future__ import annotations
@@ -16,12 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from connector.nvml import FakeGpuBackend
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = Path(__file__).resolve().parent / "data"  # trimmed copies of captures
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvml"  # the real captures
 
 H100_CAPTURE = "h100_snapshot.json"
 H200_CAPTURE = "h200_snapshot.json"
@@ -35,25 +31,13 @@ NVLINK_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7))
 NUMA_NODES = {i: i // 4 for i in range(8)}
 
 
-def find_fixtures(start: Path = REPO_ROOT) -> Path | None:
-    """The first ``shared/fixtures/nvml`` found walking up from ``start`` (the clone's
-    sibling ``shared`` in CI and in the shared checkout)."""
-    for folder in (start, *start.parents):
-        candidate = folder / "shared" / "fixtures" / "nvml"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def capture_path(name: str = H100_CAPTURE, fixtures: Path | None = None) -> Path:
-    """A capture's path: the shared fixtures' (``fixtures``, found by walking up when not
-    given), else the trimmed copy in ``tests/data``, else a clean skip."""
-    fixtures = find_fixtures() if fixtures is None else fixtures
-    if fixtures is not None and (fixtures / name).is_file():
-        return fixtures / name
-    if (BUNDLED / name).is_file():
-        return BUNDLED / name
-    pytest.skip(f"NVML capture {name} not found in a shared/fixtures/nvml above {REPO_ROOT}")
+def capture_path(name: str = H100_CAPTURE) -> Path:
+    """A capture's path in ``tests/fixtures/nvml``; a missing one fails the test (the
+    captures are part of the repository, so there is nothing to skip over)."""
+    path = FIXTURES / name
+    if not path.is_file():
+        raise FileNotFoundError(f"NVML capture {name} is not in {FIXTURES}")
+    return path
 
 
 def load_capture(name: str = H100_CAPTURE) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from connector.server import RunningServer
 from tests.api_helpers import Served, serve
 from tests.core_helpers import make_graph, svc, wait_until
 from tests.nvml_fakes import idle_capture
+from tests.servers import wait_until_async
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -123,8 +124,20 @@ async def test_ps_of_one_component_lists_its_replicas(api: Served) -> None:
     )
 
 
-async def test_logs_lines_stream_and_json(api: Served) -> None:
+async def _talker_logged_both_lines(api: Served) -> None:
+    """Ready is "alive for its start-up grace"; its two lines reach the log files through
+    circusd later, so a test reading them waits for them (stderr's is written last)."""
     await wait_until(lambda: api.connector.view().component("Talker").ready == 1)  # type: ignore[union-attr]
+
+    async def both_lines() -> bool:
+        lines = await api.connector.get_component_logs("Talker", lines=5)
+        return len(lines) >= 2 and lines[-1].endswith("| oops on stderr")
+
+    await wait_until_async(both_lines)
+
+
+async def test_logs_lines_stream_and_json(api: Served) -> None:
+    await _talker_logged_both_lines(api)
     result = await cli("logs", "Talker", "-n", "5", *_url(api))
     assert result.code == 0, result.err
     lines = result.out.splitlines()
@@ -137,6 +150,7 @@ async def test_logs_lines_stream_and_json(api: Served) -> None:
 
 
 async def test_logs_follow_prints_new_lines_until_interrupted(api: Served) -> None:
+    await _talker_logged_both_lines(api)  # the last line is then stderr's
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -22,6 +22,7 @@ from tests.core_helpers import (
     replica_ids,
     running,
     svc,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -75,14 +76,17 @@ async def test_scale_down_prefers_not_ready_then_newest(tmp_path: Path) -> None:
     async with running(graph, tmp_path) as conn:
         assert await conn.scale_component("Worker", 3, timeout_s=20)
         assert await conn.scale_component("Slow", 2, blocking=False)
-        await asyncio.sleep(0.3)
+        # Both records exist at once (spawning); each turns starting when its process is up,
+        # however long a loaded machine takes for that.
+        await wait_until(lambda: set(phases(conn, "Slow").values()) == {"starting"})
         assert set(phases(conn, "Slow").values()) == {"starting"}
         # Worker: all ready, so the newest two go.
         assert await conn.scale_component("Worker", 1, timeout_s=20)
         assert replica_ids(conn, "Worker") == ["Worker/1"]
         # Slow: nothing is ready; newest goes first.
         await conn.scale_component("Slow", 1, blocking=False)
-        await asyncio.sleep(0.5)
+        # The victim's record goes once its stop has finished, on its own task.
+        await wait_until(lambda: replica_ids(conn, "Slow") == ["Slow/1"])
         assert replica_ids(conn, "Slow") == ["Slow/1"]
 
 

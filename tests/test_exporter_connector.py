@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import psutil
 import pytest
 
 from connector.graph import ResourceRequest
 from connector.usage import exporter_sources
 from exporter.exposition import Format
 from exporter.service import build_exporter
-from tests.core_helpers import make_graph, python_cmd, running, svc
+from tests.core_helpers import make_graph, pids, python_cmd, running, svc, wait_until
 from tests.exporter_helpers import key, samples, series_with
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,10 @@ async def test_scaling_a_real_connector_shows_in_metrics_and_usage(tmp_path: Pat
         await exporter.start()
         try:
             assert await connector.scale_component("decode", 3)
+            # Ready is "alive for its start-up grace"; each replica forks its child on its
+            # own time, which a loaded machine can push past that grace.
+            leaders = [p for p in pids(connector, "decode").values() if p]
+            await wait_until(lambda: all(len(psutil.Process(p).children()) == 1 for p in leaders))
             await exporter.sample_once()
             text = exporter.exposition.render(Format.TEXT)
             values = samples(text)

@@ -12,6 +12,7 @@ import pytest
 
 from exporter.exposition import Format
 from exporter.service import build_exporter
+from tests.core_helpers import wait_until
 from tests.exporter_helpers import FakeReader, Tree, component, replica, series_with, view_of
 
 pytestmark = pytest.mark.gpu
@@ -44,6 +45,16 @@ async def test_gpu_memory_of_a_child_process_is_attributed_to_its_replica(
             assert time.monotonic() < deadline, "the CUDA child did not allocate within 120 s"
             await asyncio.sleep(0.1)
         (uuid, *_) = [d.uuid for d in backend.devices()]
+
+        def child_listed() -> bool:
+            # NVML may list the child's memory a moment after the child wrote "ready".
+            tree_pids = {tree.pid, *tree.child_pids()}
+            processes = [p for s in backend.sample() if s.uuid == uuid for p in s.processes]
+            return any(
+                p.pid in tree_pids and (p.used_memory_bytes or 0) >= 1 << 30 for p in processes
+            )
+
+        await wait_until(child_listed, limit_s=30)
         reader = FakeReader(
             view_of(
                 (component("decode"),),

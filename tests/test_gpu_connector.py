@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest
 from connector.nvml import open_gpu_backend
 from tests.core_helpers import alive, make_graph, pids, running, svc
+from tests.servers import wait_until_async
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -24,6 +26,13 @@ HOLDER = (
     "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
     "time.sleep(600)\n"
 )
+
+
+async def _holds(backend: Any, pids: set[int | None], at_least: int) -> bool:
+    """Whether NVML lists each of ``pids`` with ``at_least`` bytes of GPU memory."""
+    samples = await asyncio.to_thread(backend.sample)
+    listed = {p.pid: p.used_memory_bytes or 0 for s in samples for p in s.processes}
+    return all(pid is not None and listed.get(pid, 0) >= at_least for pid in pids)
 
 
 @pytest.fixture
@@ -65,8 +74,10 @@ async def test_replica_gets_its_gpu_and_releases_it_after_exit(
         assert [g["uuid"] for g in machine["gpus"]] == [gpu_uuid]
         assert machine["gpus"][0]["owners"] == ["Decode/1"]
         assert machine["gpus"][0]["state"] == "allocated"
-        # NVML attributes the memory to the replica's PID.
+        # NVML attributes the memory to the replica's PID (it may list it a moment after
+        # the replica opened its port).
         backend = conn._resource_manager.gpu_backend
+        await wait_until_async(lambda: _holds(backend, {pid}, 512 << 20), timeout=30)
         samples = await asyncio.to_thread(backend.sample)
         mine = [p for s in samples for p in s.processes if p.pid == pid]
         assert mine and (mine[0].used_memory_bytes or 0) >= 512 << 20
@@ -119,6 +130,9 @@ async def test_half_gpu_replicas_share_the_gpu_and_each_is_attributed(
         (gpu,) = machine["gpus"]
         assert (gpu["owners"], gpu["fraction_used"]) == (["Half/1", "Half/2"], 1.0)
         backend = conn._resource_manager.gpu_backend
+        await wait_until_async(
+            lambda: _holds(backend, set(replica_pids.values()), 256 << 20), timeout=30
+        )
         samples = await asyncio.to_thread(backend.sample)
         listed = {p.pid: p.used_memory_bytes for s in samples for p in s.processes}
         for pid in replica_pids.values():

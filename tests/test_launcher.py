@@ -16,7 +16,7 @@ import pytest
 
 from connector import launcher
 from connector.graph import ResourceRequest
-from tests.core_helpers import alive, make_graph, pids, running, svc
+from tests.core_helpers import alive, make_graph, pids, running, svc, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FALLBACK = [sys.executable, "-m", "connector.launcher"]
@@ -139,6 +139,9 @@ async def test_a_pinned_replica_runs_on_its_reserved_cores(
         (rec,) = conn.state.replicas_of("Pinned")
         pid = pids(conn, "Pinned")["Pinned/1"]
         assert pid is not None and rec.reservation is not None
+        # Ready is "alive for its start-up grace": the launcher pins the cores and then
+        # execs sleep on its own time (the Python fallback starts an interpreter first).
+        await wait_until(lambda: psutil.Process(pid).name() == "sleep")
         assert psutil.Process(pid).cpu_affinity() == rec.reservation["cpus"]
         assert len(rec.reservation["cpus"]) == 1
         assert psutil.Process(pid).name() == "sleep"  # exec'd in place, whatever the path

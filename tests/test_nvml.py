@@ -33,7 +33,6 @@ from tests.nvml_fakes import (
     NVMLError_LibraryNotFound,
     ScriptedNvml,
     capture_path,
-    find_fixtures,
     h100_backend,
     scripted_devices,
 )
@@ -71,23 +70,16 @@ def h100_sample(pid: int = H100_CAPTURED_PID, sm: float | None = 0.96) -> GpuSam
 # --------------------------------------------------------------------------- fixtures
 
 
-def test_fixtures_are_found_walking_up_from_a_nested_folder(tmp_path: Path) -> None:
-    nested = tmp_path / "clone" / "tests"
-    nested.mkdir(parents=True)
-    mine = tmp_path / "shared" / "fixtures" / "nvml"
-    assert find_fixtures(nested) != mine
-    mine.mkdir(parents=True)
-    assert find_fixtures(nested) == mine  # the closest one wins
-
-
-def test_without_the_shared_fixtures_the_bundled_h100_copy_is_used(tmp_path: Path) -> None:
-    bundled = Path(__file__).parent / "data" / H100_CAPTURE
-    assert capture_path(H100_CAPTURE, fixtures=tmp_path) == bundled
-    # The trimmed copy replays the same device as the full capture.
-    assert FakeGpuBackend(bundled).devices() == [H100_DEVICE]
-    assert FakeGpuBackend(bundled).sample() == [h100_sample()]
-    with pytest.raises(pytest.skip.Exception, match=r"NVML capture h200_snapshot\.json"):
-        capture_path(H200_CAPTURE, fixtures=tmp_path)
+def test_the_captures_are_read_from_inside_the_repository() -> None:
+    # A fresh clone has nothing beside it: every capture a test replays is a file of the clone.
+    repo = Path(__file__).resolve().parent.parent
+    for name in (H100_CAPTURE, H200_CAPTURE):
+        path = capture_path(name)
+        assert path == repo / "tests" / "fixtures" / "nvml" / name
+        assert json.loads(path.read_text())["devices"]
+    # A capture that is not there fails the test that needs it rather than skipping it.
+    with pytest.raises(FileNotFoundError, match=r"NVML capture missing\.json"):
+        capture_path("missing.json")
 
 
 # --------------------------------------------------------------------------- fake replay

@@ -419,6 +419,7 @@ async def test_a_decision_pending_at_start_is_seen_when_the_executor_starts(
         }
         apply.gate.set()
         await until(lambda: _ack_is(planner, b"3"))
+        await until(lambda: ex.acknowledged == 3)  # recorded once the transaction returns
         assert (await _gauges(exporter))["planner_decision_acknowledged_id"] == 3
     finally:
         await ex.close()

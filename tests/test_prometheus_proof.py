@@ -54,6 +54,7 @@ import yaml
 from dashboards.lint import queries, substitute
 from dashboards.promql import DYNAMO_FRONTEND_JOB, JOB, Selector, selectors
 from dashboards.rules import RULES_FILE, load_rules
+from tests.nvml_fakes import H100_CAPTURE, capture_path
 from tests.servers import (
     PrometheusFactory,
     PrometheusServer,
@@ -107,7 +108,7 @@ GREEDY = {
     "local": {"minReplicas": 0, "maxReplicas": 1},
 }
 # A real H100 capture replayed by the NVML fake: GPU metrics without a GPU.
-NVML_CAPTURE = ROOT.parent / "shared" / "fixtures" / "nvml" / "h100_snapshot.json"
+NVML_CAPTURE = capture_path(H100_CAPTURE)
 
 # --------------------------------------------------------------------------- allow-list
 
@@ -260,21 +261,32 @@ def _rules_copy(tmp_path: Path) -> Path:
     return path
 
 
-def _prometheus_config(targets: dict[str, str], rules: Path) -> str:
-    """The repository's Prometheus config, with this run's loopback targets and rules,
-    1 s intervals, and no Alertmanager (none runs here)."""
+def _prometheus_config(graph: RunningGraph, rules: Path) -> str:
+    """The repository's Prometheus config, with this run's loopback connector (its static
+    target and its service discovery) and rules, 1 s intervals, and no Alertmanager (none
+    runs here)."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(rules)]
     config.pop("alerting")
+    compose_host = "host.docker.internal:"
     jobs = []
     for job in config["scrape_configs"]:
-        name = job["job_name"]
-        if name == "prometheus":
+        if job["job_name"] == "prometheus":
             continue  # Prometheus scraping itself: its port is picked when it starts
-        assert name in targets, f"job {name} of {PROMETHEUS_CONFIG} has no loopback target"
-        assert job["static_configs"][0]["targets"][0].startswith("host.docker.internal:")
-        job["static_configs"] = [{"targets": [targets[name]]}]
+        for static in job.get("static_configs", []):
+            assert [t.startswith(compose_host) for t in static["targets"]] == [True]
+            static["targets"] = [f"127.0.0.1:{graph.port}"]
+        for sd in job.get("http_sd_configs", []):
+            assert sd["url"].startswith(f"http://{compose_host}")
+            sd["url"] = f"{graph.url}/v1/prometheus/targets"
+            sd["refresh_interval"] = "1s"
+        # Here the replicas' loopback addresses are reachable as listed.
+        job["relabel_configs"] = [
+            r
+            for r in job.get("relabel_configs", [])
+            if compose_host not in r.get("replacement", "")
+        ]
         jobs.append(job)
     config["scrape_configs"] = jobs
     return json.dumps(config)
@@ -303,8 +315,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def test_every_query_returns_data_and_a_crash_loop_fires(
     tmp_path: Path, prometheus_server: PrometheusFactory, http: aiohttp.ClientSession
 ) -> None:
-    if not NVML_CAPTURE.is_file():
-        pytest.skip(f"NVML capture {NVML_CAPTURE} is missing (shared fixtures)")
     started = time.monotonic()
     with _up(tmp_path) as graph:
         try:
@@ -314,15 +324,10 @@ async def test_every_query_returns_data_and_a_crash_loop_fires(
             )
         except TimeoutError as exc:
             raise AssertionError(f"demo graph not ready: {exc}\n{log_tail(graph.log)}") from exc
-        frontend = await _json(http, "GET", f"{graph.url}/v1/components/Frontend/replicas")
-        frontend_port = frontend["replicas"][0]["ports"]["system"]
-
-        config = _prometheus_config(
-            {JOB: f"127.0.0.1:{graph.port}", DYNAMO_FRONTEND_JOB: f"127.0.0.1:{frontend_port}"},
-            _rules_copy(tmp_path),
-        )
+        config = _prometheus_config(graph, _rules_copy(tmp_path))
         prom = prometheus_server([], config_text=config)
         await prom.wait_for(f'up{{job="{JOB}"}} == 1', timeout=15)
+        await prom.wait_for(f'up{{job="{DYNAMO_FRONTEND_JOB}", dynamo_component="Frontend"}} == 1')
         assert await _alert_state(prom, CRASH_LOOP_ALERT) is None
 
         # A scale that finishes (duration histogram, operations counter) and a component

@@ -44,7 +44,7 @@ from connector.resources import (
     ReservationAsk,
     ResourceManager,
 )
-from tests.nvml_fakes import capture_path, eight_gpu_backend
+from tests.nvml_fakes import eight_gpu_backend
 from tests.test_resources import dead_pid, free_run, reap_zombies
 
 GIB = 1 << 30
@@ -385,11 +385,6 @@ class Allocation(RuleBasedStateMachine):
         assert view["cpu"]["reserved_cores"] == pytest.approx(
             sum(r.cpu_cores for r in [*self.model.values(), *self.lingering.values()])
         )
-
-
-@pytest.fixture(autouse=True)
-def _needs_capture() -> None:
-    capture_path()  # skips the module cleanly without the shared fixtures
 
 
 Allocation.TestCase.settings = settings(
