@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything dynamo-local needs on a fresh machine: the virtualenv with pinned Python
-# packages and, with --test, the Debian packages whose real servers the test suite starts.
-# Idempotent: a second run only checks.
+# packages (including the real Dynamo: frontend, mocker, Planner) and, with --test, the
+# Debian packages whose real servers the test suite starts. Idempotent: a second run only
+# checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,11 +46,78 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed"
+py="$VENV/bin/python"
+
+# The real Dynamo (frontend, mocker, Planner) is wanted by the demo and the tests alike, so
+# both modes install it; only where its runtime wheel exists (x86_64).
+want_dynamo=0
 extras="dev"
-key="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-$extras"
+if [ "$(uname -m)" = x86_64 ]; then
+  want_dynamo=1
+  extras="dev,dynamo"
+fi
+# The .pth file that puts the stand-in folder on the venv's path (see install_dynamo).
+standins="$PWD/deploy/standins"
+standins_pth() {
+  echo "$("$py" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/dynamo_local_standins.pth"
+}
+
+# ai-dynamo cannot be installed the normal way: it requires aisimulate, and every aisimulate
+# on PyPI is a stub that downloads the real wheel from outside the registries. So its
+# dependencies come from pyproject's `dynamo` extra (installed before this), the two wheels
+# are installed without dependencies, and `pip check` proves nothing but aisimulate is
+# missing. The Planner imports aisimulate_core at module load; a stand-in (deploy/standins,
+# put on the venv's path by a .pth file) lets it start and fails clearly if ever used.
+install_dynamo() {
+  local version tmp problems
+  version=$(sed -n 's/^ai-dynamo==//p' constraints.txt)
+  if [ -z "$version" ]; then
+    echo "setup: constraints.txt pins no ai-dynamo version" >&2
+    exit 1
+  fi
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2064  # expand now: $tmp is local
+  trap "rm -rf '$tmp'" EXIT
+  "$py" -m pip download -q --no-deps -c constraints.txt -d "$tmp" \
+    "ai-dynamo==$version" "ai-dynamo-runtime==$version"
+  "$py" -m pip install -q --no-deps "$tmp"/*.whl
+  rm -rf "$tmp"
+  echo "$standins" > "$(standins_pth)"
+  # pip check's findings go to stdout; its warnings about this machine's indexes to stderr.
+  problems=$("$py" -m pip check 2>/dev/null | grep -v -e '^ai-dynamo [^ ]* requires aisimulate,' \
+    -e '^No broken requirements' || true)
+  if [ -n "$problems" ]; then
+    echo "setup: broken Python requirements after installing Dynamo $version:" >&2
+    echo "$problems" >&2
+    exit 1
+  fi
+  # The modules that import the Planner's undeclared dependencies (and aisimulate_core) when
+  # it starts: an import error here would otherwise surface only when a Planner runs.
+  "$py" -c 'import dynamo.frontend, dynamo.mocker, dynamo.planner.core.planner_factory
+import dynamo.planner.core.load.predictors, dynamo.planner.monitoring.diagnostics_recorder
+import dynamo.planner.plugins.registry.gateway' || {
+    echo "setup: Dynamo $version is installed but does not import (see above)" >&2
+    exit 1
+  }
+}
+
+stamp="$VENV/.installed"
+# Everything that decides what lands in the venv: the declared packages, their pins, this
+# script (the Dynamo steps), the extras and the machine.
+key="$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$extras-$(uname -m)"
+installed=1
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ]; then
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]"
+  installed=0
+elif [ "$want_dynamo" = 1 ] && [ "$(cat "$(standins_pth)" 2>/dev/null)" != "$standins" ]; then
+  # The .pth is gone or names another checkout (the repository moved: so did the editable
+  # install's path).
+  installed=0
+fi
+if [ "$installed" = 0 ]; then
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q -c constraints.txt -e ".[$extras]"
+  if [ "$want_dynamo" = 1 ]; then
+    install_dynamo
+  fi
   echo "$key" > "$stamp"
 fi
