@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 from connector.discovery import Discovery, Instance
 from connector.discovery_owners import Ownership, component_of
+from connector.drain import DEFAULT_DRAIN_TIMEOUT_S, DrainResult, wait_idle
+from connector.dynamo_defaults import METRICS_PORT
 from connector.events import EventLog
 from connector.graph import Graph, Readiness, Service
 from connector.probes import ProbeTarget
@@ -44,6 +46,14 @@ _NOT_RUNNING = frozenset({"backoff", "exited"})
 # to an earlier process of that replica (same ports, dead now). The margin covers the time
 # between the process starting and the connector recording ``spawned_at``.
 SPAWN_MARGIN_S = 0.1
+
+
+def _drain_reason(result: DrainResult) -> str:
+    if result.inflight is None:
+        return "out of discovery; in-flight requests unknown (no metrics)"
+    if result.timed_out:
+        return f"{result.inflight:g} request(s) still in flight at the drain timeout"
+    return "out of discovery, no request in flight"
 
 
 class _Host(Protocol):
@@ -272,11 +282,33 @@ class DiscoveryBridge:
     # --------------------------------------------------------- drain / cleanup
 
     async def before_stop(self, rec: ReplicaRecord) -> None:
-        """Out of discovery before the stop: keys deleted, lease kept for in-flight work."""
+        """Out of discovery before the stop (keys deleted, lease kept for in-flight work),
+        then, for a replica that was registered, until its in-flight requests are done
+        (:func:`connector.drain.wait_idle`), at most its ``drainSeconds``."""
         owned = self.owned_by(rec.replica_id)
         self._drained[rec.replica_id] = owned
         for inst in owned:
             await self._remove(inst, revoke=False, why="drain", replica=rec.replica_id)
+        svc = self._service_of(rec.replica_id)
+        if not owned or svc is None or svc.drain_s == 0:
+            return  # nothing could have been routed to it, or the graph says not to wait
+        ports = (rec.reservation or {}).get("ports") or {}
+        metrics_port = ports.get(METRICS_PORT.get(svc.role, "system"))
+        explicit = svc.drain_s is not None
+        result = await wait_idle(
+            int(metrics_port) if metrics_port is not None else None,
+            svc.drain_s if svc.drain_s is not None else DEFAULT_DRAIN_TIMEOUT_S,
+            full_without_metrics=explicit,
+        )
+        self.host.events.emit(
+            "drain",
+            component=svc.name,
+            replica=rec.replica_id,
+            outcome="timeout" if result.timed_out else "ok",
+            duration_s=result.waited_s,
+            reason=_drain_reason(result),
+            details={"inflight": result.inflight},
+        )
 
     async def after_exit(self, rec: ReplicaRecord) -> None:
         """The process is gone: its entries go now (lease revoked / files deleted)."""

@@ -33,8 +33,9 @@ LOOPBACK_ENV: Mapping[str, str] = {
 #           and the Planner.
 #   rpc:    the TCP request plane the instance advertises in discovery (its address is how
 #           an instance is matched to its replica).
-#   fpm:    forward-pass metrics the load-based Planner reads (default 20380: two workers
-#           on one host collide there).
+#   fpm:    forward-pass metrics of vLLM-style workers, which the load-based Planner reads
+#           (default 20380: two workers on one host collide there; the mocker sends them
+#           over the event plane instead and ignores it).
 #   http:   the frontend's OpenAI API and its /metrics.
 _SYSTEM = PortSpec("system", "DYN_SYSTEM_PORT")
 _RPC = PortSpec("rpc", "DYN_TCP_RPC_PORT")
@@ -45,7 +46,7 @@ ROLE_PORTS: Mapping[Role, tuple[PortSpec, ...]] = {
     Role.WORKER: (_SYSTEM, _RPC, _FPM),
     Role.ROUTER: (_SYSTEM, _RPC),
     Role.FRONTEND: (_HTTP,),
-    Role.PLANNER: (_SYSTEM,),
+    Role.PLANNER: (_SYSTEM, _RPC),  # the Planner registers {ns}/Planner/generate
 }
 
 # The port whose /metrics Prometheus scrapes, per role (see ROLE_PORTS).

@@ -131,7 +131,9 @@ class Service:
     max_replicas: int | None = None
     readiness: Readiness = field(default_factory=Readiness)
     graceful_stop_s: float = 10.0
-    drain_s: float = 0.0
+    # The most a drain waits, after the replica left discovery, for its in-flight requests
+    # (connector.drain). None: the default for a registered worker, nothing otherwise.
+    drain_s: float | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     depends_on: tuple[str, ...] = ()
     ports: tuple[PortSpec, ...] = ()

@@ -474,7 +474,7 @@ def _service(
         graceful_stop_s=_optional_seconds(
             r, local, "gracefulStopSeconds", lp, defaults.graceful_stop_s
         ),
-        drain_s=_optional_seconds(r, local, "drainSeconds", lp, defaults.drain_s),
+        drain_s=_optional_seconds(r, local, "drainSeconds", lp, None),
         restart=_restart(r, local.get("restart"), f"{lp}.restart"),
         depends_on=depends_on,
         ports=ports,
@@ -483,8 +483,8 @@ def _service(
 
 
 def _optional_seconds(
-    r: _Reader, block: Mapping[str, Any], key: str, path: str, default: float
-) -> float:
+    r: _Reader, block: Mapping[str, Any], key: str, path: str, default: T
+) -> float | T:
     if block.get(key) is None:
         return default
     return r.seconds(block[key], f"{path}.{key}", positive=False)

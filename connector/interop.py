@@ -127,9 +127,7 @@ async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor
         interop = interop_of(connector)
         if interop is None or interop.bridge is None or not outcome.applied:
             return outcome
-        return await until_discovered(
-            connector.graph, interop.bridge, outcome, DISCOVERED_WAIT_S
-        )
+        return await until_discovered(connector.graph, interop.bridge, outcome, DISCOVERED_WAIT_S)
 
     executor = VirtualConnectorExecutor(
         opts.etcd_url, connector.graph.namespace, apply, connector.events

@@ -131,10 +131,11 @@ class LocalConnector(PlannerConnectorMixin):
         working_dir: str | Path | None = None,
         **options: Any,
     ) -> LocalConnector:
-        """Load the graph named by ``bento_identifier`` (YAML file, directory, ``module:attr``),
-        run it in Dynamo namespace ``namespace`` (every service registers there, whatever
-        the file says) and return a connector that is already initialized (circusd up, replicas re-adopted,
-        the loop running), as ``asyncpg.create_pool()`` returns a ready pool. Either::
+        """Load the graph named by ``bento_identifier`` (YAML file, directory,
+        ``module:attr``), run it in Dynamo namespace ``namespace`` (every service registers
+        there, whatever the file says) and return a connector that is already initialized
+        (circusd up, replicas re-adopted, the loop running), as ``asyncpg.create_pool()``
+        returns a ready pool. Either::
 
             c = await LocalConnector.create("demo", "graph.yaml")
             try:

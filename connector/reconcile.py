@@ -100,6 +100,14 @@ class ResourceBroker(Protocol):
 ReplicaHook = Callable[[ReplicaRecord], Awaitable[None]]
 
 
+def _live_tree(pid: int | None, create_time: float | None) -> set[int]:
+    """The pids of ``pid``'s tree while it is still the process we started (blocking:
+    it reads /proc, so it runs in a thread)."""
+    if pid and procs.same_process(pid, create_time):
+        return set(procs.tree_pids(pid))
+    return set()
+
+
 @dataclass
 class Hooks:
     """Where the Dynamo interop plugs in without the loop knowing about discovery."""
@@ -734,13 +742,15 @@ class Reconciler:
         step = op.step if op else standalone_step
         attrs = {"dynamo_local.replica": rec.replica_id}
         pid = rec.pid
-        pids = procs.tree_pids(pid) if pid and procs.same_process(pid, rec.create_time) else set()
+        pids = await asyncio.to_thread(_live_tree, pid, rec.create_time)
         if pid is not None:
             self._exit_watcher.unwatch(pid)
         with step("drain", **attrs):
             if self.hooks.before_stop is not None:
+                # Out of discovery, then until its in-flight requests are done: the
+                # discovery bridge owns the whole drain when it runs.
                 await self._run_hook(self.hooks.before_stop, rec)
-            if svc is not None and svc.drain_s > 0 and was_ready:
+            elif svc is not None and svc.drain_s and was_ready:
                 await asyncio.sleep(svc.drain_s)
         with step("stop", **attrs) as span:
             how = "not running"

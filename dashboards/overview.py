@@ -1,4 +1,5 @@
-"""Overview: every component of the graph at a glance, with scale events as annotations."""
+"""Overview: every component of the graph at a glance, Dynamo's frontend traffic and
+latency beside it, with scale events as annotations."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from grafana_foundation_sdk.builders import dashboard as gd
 from dashboards.common import (
     BY_NS,
     UNIT_COUNT,
+    UNIT_PER_SECOND,
     UNIT_REPLICAS,
+    UNIT_SECONDS,
     Annotation,
     Query,
     dashboard,
@@ -34,6 +37,24 @@ NOT_RUNNING = sel("component_state", BY_NS, 'state!="running"')
 CRASHLOOP = sel("component_state", BY_NS, 'state="crashloop"')
 
 
+# Dynamo's own frontend series (dashboards.promql.DYNAMO_SERIES). They carry no namespace
+# of their own: the connector's service discovery labels each target with its
+# dynamo_namespace, so they filter on the same variable as our series.
+FRONTEND_NS = f"{{{BY_NS}}}"
+FRONTEND_LEGEND = "{{dynamo_namespace}}"
+
+
+def _frontend_quantiles(family: str) -> list[Query]:
+    bucket = f"{family}_bucket{FRONTEND_NS}"
+    return [
+        Query(
+            f"histogram_quantile({q}, sum by ({NS}, le) (rate({bucket}[$__rate_interval])))",
+            f"p{round(q * 100)} {FRONTEND_LEGEND}",
+        )
+        for q in (0.5, 0.99)
+    ]
+
+
 def _per_component(name: str) -> str:
     # The same labels as the state query, so the table's merge joins them row by row.
     return f"max by ({NS}, {COMP}) ({sel(name, BY_NS)})"
@@ -48,8 +69,8 @@ def build() -> dict[str, Any]:
         dashboard(
             UID,
             TITLE,
-            "Components of the graph: replicas desired and ready, states, restarts, crash "
-            "loops and scale operations.",
+            "Components of the graph: replicas desired and ready, Dynamo frontend requests, "
+            "latency and queue, states, restarts, crash loops and scale operations.",
             ["overview"],
         )
         .with_variable(namespace_variable())
@@ -107,6 +128,62 @@ def build() -> dict[str, Any]:
                 UNIT_COUNT,
                 [Query(f"sum(increase({sel('component_restarts_total', BY_NS)}[$__range]))")],
                 thresholds=((None, "green"), (1.0, "orange")),
+            )
+        )
+        .with_row(gd.Row("Dynamo frontend"))
+        .with_panel(
+            timeseries_panel(
+                "Frontend requests",
+                "Requests per second Dynamo's frontend handled, per namespace "
+                "(dynamo_frontend_requests_total).",
+                UNIT_PER_SECOND,
+                [
+                    Query(
+                        f"sum by ({NS}) (rate(dynamo_frontend_requests_total{FRONTEND_NS}"
+                        "[$__rate_interval]))",
+                        FRONTEND_LEGEND,
+                    )
+                ],
+                width=6,
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Time to first token",
+                "Dynamo frontend's time to first token, median and 99th percentile per "
+                "namespace (dynamo_frontend_time_to_first_token_seconds).",
+                UNIT_SECONDS,
+                _frontend_quantiles("dynamo_frontend_time_to_first_token_seconds"),
+                width=6,
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Inter-token latency",
+                "Dynamo frontend's inter-token latency, median and 99th percentile per "
+                "namespace (dynamo_frontend_inter_token_latency_seconds).",
+                UNIT_SECONDS,
+                _frontend_quantiles("dynamo_frontend_inter_token_latency_seconds"),
+                width=6,
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Frontend queued requests",
+                "Requests waiting in Dynamo's frontend for their first response, per "
+                "namespace (dynamo_frontend_queued_requests).",
+                UNIT_COUNT,
+                [
+                    Query(
+                        f"sum by ({NS}) (dynamo_frontend_queued_requests{FRONTEND_NS})",
+                        FRONTEND_LEGEND,
+                    )
+                ],
+                width=6,
+                minimum=0,
             )
         )
         .with_row(gd.Row("Components"))

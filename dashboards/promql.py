@@ -23,15 +23,23 @@ from exporter.catalog import BY_NAME, PREFIX, Kind, MetricSpec, spec
 # The scrape job of the connector's /metrics in deploy/prometheus/prometheus.yml; dashboards
 # and rules select ``up`` and scrape metadata by it.
 JOB = "dynamo-local"
-# The job that scrapes Dynamo's own frontend (``dynamo_frontend_*``).
+# The jobs that scrape Dynamo's own frontend (``dynamo_frontend_*``) and its workers,
+# routers and Planner (``dynamo_component_*``), found through the connector's
+# ``/v1/prometheus/targets``.
 DYNAMO_FRONTEND_JOB = "dynamo-frontend"
+DYNAMO_COMPONENTS_JOB = "dynamo-components"
 
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 
 # Series that are not ours but that dashboards and rules may read: Prometheus' own scrape
-# metadata, and Dynamo's frontend and component series (names from Dynamo's
-# ``lib/runtime/src/metrics/prometheus_names.rs``; histograms by base name).
+# metadata, and the families Dynamo 1.6.1's frontend (``dynamo_frontend_*``, on its HTTP
+# port) and workers (``dynamo_component_*``, on their system port) expose, allowed by name
+# (Dynamo's ``lib/runtime/src/metrics/prometheus_names.rs``, ``dynamo.prometheus_names`` in
+# the 1.6.1 wheel; histograms by base name). An explicit list: a name outside it is taken
+# for a typo until it is added here.
+# Their labels are Dynamo's plus the targets' from the connector's service discovery
+# (dynamo_namespace, dynamo_component, replica, role), so matchers on them are not checked.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 DYNAMO_SERIES: dict[str, Kind] = {
     "dynamo_frontend_requests_total": Kind.COUNTER,
@@ -246,6 +254,7 @@ def check_expr(expr: str, recorded: frozenset[str] = frozenset()) -> list[str]:
 
 
 __all__ = [
+    "DYNAMO_COMPONENTS_JOB",
     "DYNAMO_FRONTEND_JOB",
     "DYNAMO_SERIES",
     "JOB",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards.promql import DYNAMO_FRONTEND_JOB, JOB
+from dashboards.promql import DYNAMO_COMPONENTS_JOB, DYNAMO_FRONTEND_JOB, JOB
 from dashboards.rules import RULES_FILE, load_rules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,9 +135,30 @@ def test_prometheus_reaches_the_host_and_reads_its_mounted_config(resolved: dict
     assert svc["extra_hosts"] == ["host.docker.internal:host-gateway"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in svc["command"]
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
-    assert jobs[JOB] == ["host.docker.internal:8787"]
-    assert jobs[DYNAMO_FRONTEND_JOB] == ["host.docker.internal:8000"]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs[JOB]["static_configs"] == [{"targets": ["host.docker.internal:8787"]}]
+    # Dynamo's processes come from the connector's service discovery, split by role, with
+    # the loopback addresses it lists rewritten to the host as the container reaches it.
+    to_host = {
+        "source_labels": ["__address__"],
+        "regex": r"127\.0\.0\.1:(\d+)",
+        "target_label": "__address__",
+        "replacement": "host.docker.internal:$1",
+    }
+    for job, roles in (
+        (DYNAMO_FRONTEND_JOB, "frontend"),
+        (DYNAMO_COMPONENTS_JOB, "worker|router|planner"),
+    ):
+        assert jobs[job]["http_sd_configs"] == [
+            {
+                "url": "http://host.docker.internal:8787/v1/prometheus/targets",
+                "refresh_interval": "5s",
+            }
+        ]
+        assert jobs[job]["relabel_configs"] == [
+            {"source_labels": ["role"], "regex": roles, "action": "keep"},
+            to_host,
+        ]
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
         "alertmanager:9093"
     ]

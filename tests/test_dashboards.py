@@ -198,6 +198,52 @@ def test_scaling_dashboard_reads_dynamo_frontend_latency() -> None:
     assert any("dynamo_frontend_inter_token_latency_seconds_bucket" in e for e in exprs)
 
 
+def test_overview_reads_dynamo_frontend_by_namespace() -> None:
+    """Dynamo's series have no namespace of their own: the filter works on the label the
+    connector's service discovery gives each target."""
+    panels = load("dynamo-local-overview")["panels"]
+    row = [p["title"] for p in panels].index("Dynamo frontend")
+    ns = 'dynamo_namespace=~"$namespace"'
+
+    def quantiles(family: str) -> list[tuple[str, str]]:
+        return [
+            (
+                f"histogram_quantile({q}, sum by (dynamo_namespace, le) "
+                f"(rate({family}_bucket{{{ns}}}[$__rate_interval])))",
+                f"p{p} {{{{dynamo_namespace}}}}",
+            )
+            for q, p in (("0.5", 50), ("0.99", 99))
+        ]
+
+    assert [
+        (p["title"], [(t["expr"], t["legendFormat"]) for t in p["targets"]])
+        for p in panels[row + 1 : row + 5]
+    ] == [
+        (
+            "Frontend requests",
+            [
+                (
+                    "sum by (dynamo_namespace) (rate(dynamo_frontend_requests_total"
+                    f"{{{ns}}}[$__rate_interval]))",
+                    "{{dynamo_namespace}}",
+                )
+            ],
+        ),
+        ("Time to first token", quantiles("dynamo_frontend_time_to_first_token_seconds")),
+        ("Inter-token latency", quantiles("dynamo_frontend_inter_token_latency_seconds")),
+        (
+            "Frontend queued requests",
+            [
+                (
+                    f"sum by (dynamo_namespace) (dynamo_frontend_queued_requests{{{ns}}})",
+                    "{{dynamo_namespace}}",
+                )
+            ],
+        ),
+    ]
+    assert panels[row + 5]["title"] == "Components"  # the next row
+
+
 def test_state_timelines_map_every_enum_state_to_a_code() -> None:
     panel = next(
         p for p in load("dynamo-local-overview")["panels"] if p["title"] == "Component state"

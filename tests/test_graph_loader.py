@@ -178,7 +178,7 @@ def test_full_sample_loads_to_exact_objects() -> None:
             envs=(("DYN_LOG", "debug"), ("SHARED", "graph")),
             readiness=Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=3.0),
             depends_on=("Decode", "Prefill"),
-            ports=(PortSpec("system", "DYN_SYSTEM_PORT"),),
+            ports=(PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT")),
         ),
     }
 

@@ -346,8 +346,15 @@ async def test_health_is_503_until_registered_then_metrics_move(spawn: Any, tmp_
 
 
 async def test_frontend_role_exports_frontend_series(spawn: Any) -> None:
-    port = free_port()
-    worker = spawn("--role", "frontend", "--model", "m1", DYN_SYSTEM_PORT=str(port))
+    port, http_port = free_port(), free_port()
+    worker = spawn(
+        "--role",
+        "frontend",
+        "--model",
+        "m1",
+        DYN_SYSTEM_PORT=str(port),
+        DYN_HTTP_PORT=str(http_port),
+    )
     iid = await asyncio.to_thread(worker.instance_id)
     async with aiohttp.ClientSession() as session:
 
@@ -360,6 +367,10 @@ async def test_frontend_role_exports_frontend_series(spawn: Any) -> None:
             return samples if count > 0 else None
 
         samples = await wait_until_async(ttft_observed, timeout=5)
+        # The same registry on the HTTP port, where the real frontend serves /metrics.
+        status, text = await _get(session, f"http://127.0.0.1:{http_port}/metrics")
+        assert status == 200
+        assert ("dynamo_frontend_queued_requests", (("model", "m1"),)) in _samples(text)
     assert isinstance(samples, dict)
     assert ("dynamo_frontend_queued_requests", (("model", "m1"),)) in samples
     assert ("dynamo_frontend_inflight_requests", (("model", "m1"),)) in samples
@@ -478,6 +489,11 @@ def test_configuration_comes_from_dynamo_env_and_flags_override() -> None:
     assert parse_config([], {}).discovery == "none"
     assert parse_config([], {"ETCD_ENDPOINTS": "http://127.0.0.1:1"}).discovery == "etcd"
     assert parse_config(["--role", "frontend"], {}).component == "frontend"
+    # Only a frontend serves on its HTTP port, as only the real frontend has one.
+    http = {"DYN_HTTP_PORT": "9300", "DYN_HTTP_HOST": "127.0.0.2"}
+    frontend = parse_config(["--role", "frontend"], http)
+    assert (frontend.http_host, frontend.http_port) == ("127.0.0.2", 9300)
+    assert parse_config([], http).http_port == 0
 
 
 @pytest.mark.parametrize(

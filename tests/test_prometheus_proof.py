@@ -6,11 +6,11 @@ components: ``Crasher``, whose command exits at once, and ``Greedy``, which asks
 GPU (held by the capture's own process, so its scale-up is refused). The demo's Frontend
 sets ``limits.memory: 1Gi`` (far above its RSS), so the per-replica memory limit series has
 data. A real Prometheus
-scrapes the connector and the mock frontend using the repository's own
-``deploy/prometheus/prometheus.yml`` (targets rewritten to the loopback ports of this run)
-and loads the repository's rules. Decode is scaled 2 -> 3, Greedy 0 -> 1 (refused) and
-Crasher 0 -> 1, so scale counters, the duration histogram, restarts and the crash-loop
-state all have samples. Then:
+scrapes the connector and the mock Dynamo processes using the repository's own
+``deploy/prometheus/prometheus.yml`` (the connector's address, static and as the service
+discovery URL, rewritten to this run's loopback port) and loads the repository's rules.
+Decode is scaled 2 -> 3, Greedy 0 -> 1 (refused) and Crasher 0 -> 1, so scale counters,
+the duration histogram, restarts and the crash-loop state all have samples. Then:
 
 - every PromQL expression of every dashboard (panels, annotations, variables), with
   Grafana's variables substituted as Grafana would, must parse and return data;
@@ -155,6 +155,8 @@ NO_DATA: dict[str, str] = {
     "DynamoLocalPlannerDecisionNotAcknowledged reads "
     "dynamo_local_planner_decision_acknowledged_id": NEEDS_PLANNER,
     # Dynamo's frontend.
+    "dynamo-local-overview | panel 'Inter-token latency' target A": NO_ITL,
+    "dynamo-local-overview | panel 'Inter-token latency' target B": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target A": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target B": NO_ITL,
 }

@@ -13,6 +13,7 @@ from aiohttp import web
 from connector.api.context import BODY, QUERY, ApiContext, context
 from connector.api.errors import RouteNotFound, Unavailable
 from connector.api.health import readiness
+from connector.api.prometheus_sd import target_groups
 from connector.api.sse import stream_events, wants_event_stream
 from connector.api.views import (
     component_json,
@@ -316,6 +317,25 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             feature="metrics",
         )
     return await ctx.exporter.handle_metrics(request)
+
+
+def _own_address(request: web.Request) -> str:
+    """``host:port`` the client reached this server at: Prometheus asking for targets from
+    inside a container names the host as the container sees it, and scrapes ``/metrics``
+    at the same address. A Host header without a port gets the listening socket's."""
+    if request.url.explicit_port is not None:
+        return request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else request.url.port
+    host = request.url.raw_host or "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def prometheus_targets(request: web.Request) -> web.Response:
+    ctx = context(request)
+    # The connector's own /metrics is a target only when this server serves it.
+    own = _own_address(request) if ctx.exporter is not None else None
+    return json_ok(target_groups(ctx.connector.view(), ctx.connector.graph, own))
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -276,6 +276,22 @@ ROUTES: tuple[Route, ...] = (
         timeout_s=None,
     ),
     Route(
+        "GET",
+        "/v1/prometheus/targets",
+        h.prometheus_targets,
+        "getPrometheusTargets",
+        "Scrape targets for Prometheus' HTTP service discovery (http_sd_configs)",
+        "operations",
+        description=(
+            "One target group per running replica (starting or ready, with a pid) whose "
+            "metrics port is known: workers, routers and the Planner on their `system` "
+            "port, the frontend on its `http` port, all on 127.0.0.1; plus the connector's "
+            "own `/metrics` at the address this request reached, when it serves one."
+        ),
+        responses={200: _json("PrometheusTargets", "target groups")},
+        errors=(503,),
+    ),
+    Route(
         "POST",
         "/v1/shutdown",
         h.shutdown,

@@ -385,6 +385,33 @@ SHUTDOWN: Schema = {
     "properties": {"status": {"type": "string", "enum": ["shutting_down"]}},
 }
 
+PROMETHEUS_TARGET_GROUP: Schema = {
+    "type": "object",
+    "description": "one scrape target and its labels (Prometheus HTTP service discovery)",
+    "required": ["targets", "labels"],
+    "additionalProperties": False,
+    "properties": {
+        "targets": {
+            "type": "array",
+            "items": {"type": "string", "description": "host:port"},
+            "minItems": 1,
+        },
+        "labels": {
+            "type": "object",
+            "description": "`__metrics_path__`, `dynamo_namespace` and `role` (frontend, "
+            "worker, router, planner or connector); replicas also `dynamo_component` (the "
+            "graph's service name) and `replica` (the ordinal), as on dynamo_local_* series",
+            "required": ["__metrics_path__", "dynamo_namespace", "role"],
+            "additionalProperties": {"type": "string"},
+        },
+    },
+}
+
+PROMETHEUS_TARGETS: Schema = {
+    "type": "array",
+    "items": ref("PrometheusTargetGroup"),
+}
+
 # Named schemas, referenced as #/components/schemas/<name>.
 NAMED: dict[str, Schema] = {
     "Error": ERROR,
@@ -409,6 +436,8 @@ NAMED: dict[str, Schema] = {
     "Check": CHECK,
     "Readiness": READINESS,
     "Shutdown": SHUTDOWN,
+    "PrometheusTargetGroup": PROMETHEUS_TARGET_GROUP,
+    "PrometheusTargets": PROMETHEUS_TARGETS,
 }
 
 

@@ -2,7 +2,8 @@
 
 It registers in Dynamo's discovery (file backend or etcd with a kept-alive lease, in the
 exact formats of :mod:`connector.dynamo_keys`), serves ``/metrics`` (``dynamo_component_*``,
-and ``dynamo_frontend_*`` for ``--role frontend``) and ``/health`` on ``DYN_SYSTEM_PORT``,
+and ``dynamo_frontend_*`` for ``--role frontend``) and ``/health`` on ``DYN_SYSTEM_PORT``
+(a frontend also on ``DYN_HTTP_PORT``, where the real frontend serves its ``/metrics``),
 listens on its advertised request-plane port, deregisters on SIGTERM within ``--grace``, and
 leaves its entry behind when killed or crashing, like the real runtime. Options add a
 start-up delay, a crash after N seconds, CPU burn, memory ballast and a NATS JetStream

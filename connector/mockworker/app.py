@@ -59,6 +59,7 @@ class MockWorker:
         self._done: asyncio.Future[tuple[str, int]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        self._http_runner: web.AppRunner | None = None  # frontend's HTTP port
         self._rpc_server: asyncio.Server | None = None
         self._burner = CpuBurner(cfg.cpu_burn)
         self._ballast: bytearray | None = None
@@ -175,6 +176,16 @@ class MockWorker:
                 raise OSError(
                     f"cannot serve /metrics on {cfg.system_host}:{cfg.system_port}: {exc}"
                 ) from exc
+        if cfg.http_port:
+            from connector.mockworker.http import build_app, serve
+
+            app = build_app(self.metrics.exposition, self.health)
+            try:
+                self._http_runner = await serve(app, cfg.http_host, cfg.http_port)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve /metrics on {cfg.http_host}:{cfg.http_port}: {exc}"
+                ) from exc
         return open_registration(cfg, rpc_port)
 
     def _log_registered(self) -> None:
@@ -253,9 +264,10 @@ class MockWorker:
     async def _cleanup(self) -> None:
         await self._cancel_tasks()
         self._burner.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in (self._runner, self._http_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._http_runner = None
         if self._rpc_server is not None:
             self._rpc_server.close()
             await self._rpc_server.wait_closed()

@@ -61,6 +61,10 @@ class MockConfig:
     request_rate: float  # simulated requests per second behind the metrics
     model: str
     use_dynamo_runtime: bool
+    # Frontend only: the real frontend serves /metrics on its HTTP port (DYN_HTTP_PORT),
+    # which is where Prometheus service discovery points; 0 serves none.
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -160,6 +164,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
         default=_env_int(env, "DYN_SYSTEM_PORT", 0),
         help="port of /metrics and /health; 0 serves none (env DYN_SYSTEM_PORT)",
+    )
+    add(
+        "--http-host",
+        default=env.get("DYN_HTTP_HOST") or "127.0.0.1",
+        help="frontend: address of its HTTP port (env DYN_HTTP_HOST; default %(default)s)",
+    )
+    add(
+        "--http-port",
+        type=int,
+        default=_env_int(env, "DYN_HTTP_PORT", 0),
+        help="frontend: also serve /metrics and /health there, as the real frontend serves "
+        "/metrics on its HTTP port; 0 serves none (env DYN_HTTP_PORT)",
     )
     add(
         "--rpc-host",
@@ -301,7 +317,12 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> MockConfig:
         raise ConfigError(f"--grace must be > 0, got {ns.grace}")
     if not 0 <= ns.exit_code <= 255:
         raise ConfigError(f"--exit-code must be within 0..255, got {ns.exit_code}")
-    for name, port in (("DYN_SYSTEM_PORT", ns.system_port), ("DYN_TCP_RPC_PORT", ns.rpc_port)):
+    ports = (
+        ("DYN_SYSTEM_PORT", ns.system_port),
+        ("DYN_TCP_RPC_PORT", ns.rpc_port),
+        ("DYN_HTTP_PORT", ns.http_port),
+    )
+    for name, port in ports:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{name} must be a port number (0..65535), got {port}")
     if ns.use_dynamo_runtime and ns.system_port > RUNTIME_MAX_SYSTEM_PORT:
@@ -344,4 +365,6 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> MockConfig:
         request_rate=ns.request_rate,
         model=ns.model,
         use_dynamo_runtime=ns.use_dynamo_runtime,
+        http_host=ns.http_host,
+        http_port=ns.http_port if role == "frontend" else 0,
     )
