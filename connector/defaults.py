@@ -4,6 +4,8 @@ its help."""
 
 from __future__ import annotations
 
+import os
+
 # Ports handed to replicas. Dynamo's runtime reads DYN_SYSTEM_PORT as a signed 16-bit
 # number, so no replica port may go above HIGHEST_REPLICA_PORT.
 PORT_RANGE: tuple[int, int] = (20000, 29999)
@@ -12,3 +14,15 @@ HIGHEST_REPLICA_PORT = 32767
 GPU_FOREIGN_MEMORY_THRESHOLD_BYTES = 1 << 30
 # How long a release waits for a stopped replica's processes to exit and NVML to let go.
 RELEASE_TIMEOUT_S = 30.0
+
+# The machine-wide replica budget, as a kubelet's maxPods: a component with no maxReplicas
+# cannot be given more processes than the machine can run. 8 per core the connector may
+# use, and never fewer than 64 (`up --max-replicas` / ConnectorOptions.max_replicas).
+REPLICAS_PER_CORE = 8
+MIN_REPLICA_BUDGET = 64
+
+
+def replica_budget() -> int:
+    """The default replica budget of this machine (its CPU affinity, not every core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(MIN_REPLICA_BUDGET, REPLICAS_PER_CORE * (cores or 1))

@@ -53,6 +53,13 @@ class ReplicaLimit(InvalidReplicas):
     http_status = 409
 
 
+class ReplicaBudgetExceeded(InvalidReplicas):
+    """The target would take the machine past its replica budget (``--max-replicas``)."""
+
+    code = "replica_budget"
+    http_status = 422
+
+
 class CrashLoop(ConnectorError):
     """The component is in crashloop; restart it before scaling."""
 

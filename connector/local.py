@@ -29,6 +29,7 @@ from connector.errors import (
     ConnectorStarting,
     CrashLoop,
     InvalidReplicas,
+    ReplicaBudgetExceeded,
     ReplicaLimit,
     ResourcesExhausted,
 )
@@ -74,6 +75,8 @@ class ConnectorOptions:
     resync_s: float = 1.0
     scale_timeout_s: float = 300.0
     planner_executor: bool = False
+    # Replicas the whole graph may run at once (None: defaults.replica_budget()).
+    max_replicas: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +104,12 @@ class LocalConnector(PlannerConnectorMixin):
         self.graph = graph
         self.working_dir = (working_dir or default_working_dir(namespace)).expanduser()
         self.options = options or ConnectorOptions()
+        if self.options.max_replicas is not None and self.options.max_replicas < 1:
+            raise InvalidReplicas(
+                f"max_replicas must be >= 1, got {self.options.max_replicas}",
+                max_replicas=self.options.max_replicas,
+            )
+        self.replica_budget = self.options.max_replicas or defaults.replica_budget()
         self.events = EventLog(self.working_dir / "events.jsonl")
         self.store = StateStore(self.working_dir)
         self.state = ConnectorState(namespace=namespace, graph_source=graph.source)
@@ -182,6 +191,7 @@ class LocalConnector(PlannerConnectorMixin):
             if not self._initialized:
                 raise ConnectorClosed("the connector failed to start")
             return
+        self._check_graph_budget({n: s.replicas for n, s in self.graph.services.items()})
         self._starting = True
         try:
             await asyncio.to_thread(self.store.acquire)
@@ -232,6 +242,9 @@ class LocalConnector(PlannerConnectorMixin):
         if report["adopted"] or report["stray"] or report["lost"]:
             log.info("re-adoption: %s", report)
         self._clamp_targets()
+        self._check_graph_budget(
+            {n: self.reconciler.component_record(n).target for n in self.graph.services}
+        )
         self.reconciler.start()
         await self.reconciler.reconcile_once()
 
@@ -438,6 +451,7 @@ class LocalConnector(PlannerConnectorMixin):
                 min_replicas=svc.min_replicas,
                 max_replicas=svc.max_replicas,
             )
+        self._check_budget(name, replicas)
         comp = rec.component_record(name)
         if comp.crashloop:
             raise CrashLoop(
@@ -473,6 +487,38 @@ class LocalConnector(PlannerConnectorMixin):
         if not blocking:
             return True
         return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
+
+    def _check_graph_budget(self, targets: dict[str, int]) -> None:
+        total = sum(targets.values())
+        if total > self.replica_budget:
+            raise ReplicaBudgetExceeded(
+                f"the graph asks for {total} replicas, above this machine's replica budget "
+                f"of {self.replica_budget}; raise it with `dynamo-local up --max-replicas N` "
+                "(ConnectorOptions.max_replicas in Python)",
+                requested=total,
+                budget=self.replica_budget,
+            )
+
+    def _check_budget(self, name: str, replicas: int) -> None:
+        """Refuse a target that takes the graph past the machine's replica budget: what a
+        component without maxReplicas may have is the budget's share the others leave."""
+        rec = self._live()
+        others = sum(
+            rec.component_record(n).target for n in self.graph.services if n != name
+        )
+        if others + replicas <= self.replica_budget:
+            return
+        left = max(self.replica_budget - others, 0)
+        raise ReplicaBudgetExceeded(
+            f"{name}: {replicas} replicas would make {others + replicas} in the graph, above "
+            f"this machine's replica budget of {self.replica_budget} ({left} left for {name}); "
+            "raise it with `dynamo-local up --max-replicas N` "
+            "(ConnectorOptions.max_replicas in Python)",
+            component=name,
+            requested=replicas,
+            budget=self.replica_budget,
+            available=left,
+        )
 
     async def add_component(self, name: str, blocking: bool = True) -> bool:
         """Dynamo's older Planner interface: one replica more."""

@@ -95,6 +95,10 @@ class ConnectorState(BaseModel):
         )
 
 
+# Saves asked for within this window share one serialization and write.
+SAVE_DEBOUNCE_S = 0.02
+
+
 class StateStore:
     """Atomic JSON persistence of :class:`ConnectorState` plus the namespace lock."""
 
@@ -106,6 +110,10 @@ class StateStore:
         # One writer thread: saves land in the order they were asked for, and a cancelled
         # caller can never let a second write race the first over the temp file.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-writer")
+        self._next: asyncio.Future[None] | None = None  # the write the next callers wait on
+        self._next_state: ConnectorState | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.writes_total = 0  # serializations so far (benchmarks and tests count them)
 
     def acquire(self) -> None:
         """Take the namespace lock or raise :class:`NamespaceLocked` naming the holder."""
@@ -154,10 +162,39 @@ class StateStore:
         os.replace(tmp, self.path)
 
     async def save(self, state: ConnectorState) -> None:
-        # Serialize on the loop (a consistent snapshot), write in a thread.
-        text = state.model_dump_json(indent=1)
+        """Persist ``state`` as it is now, or later: saves are coalesced.
+
+        Every caller waits for a write that serialized the state *after* it called, so its
+        change is on disk when this returns; callers that ask while one write is pending
+        share it. So stopping N replicas (each saving) costs a few serializations per
+        :data:`SAVE_DEBOUNCE_S`, not N of the whole state. The state is serialized on the
+        loop (a consistent snapshot: the loop is the only writer) and written in a thread,
+        atomically. A failed write (disk full, read-only dir) raises in every waiter."""
         loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self._writer, self._write, text))
+        if self._next is None:
+            self._next = loop.create_future()
+        self._next_state = state
+        waiter = self._next
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="state-writer")
+        await asyncio.shield(waiter)
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._next is not None:
+            await asyncio.sleep(SAVE_DEBOUNCE_S)  # let this moment's other saves join
+            waiter, state = self._next, self._next_state
+            self._next, self._next_state = None, None
+            assert state is not None
+            try:
+                text = state.model_dump_json(indent=1)
+                await loop.run_in_executor(self._writer, self._write, text)
+            except Exception as exc:
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: a waiter that went away logs nothing
+            else:
+                waiter.set_result(None)
+            self.writes_total += 1
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 from pathlib import Path
@@ -51,3 +53,51 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
     first.release()
     second.acquire()  # free again once released
     second.release()
+
+
+async def test_saves_asked_together_share_one_write_with_every_change(tmp_path: Path) -> None:
+    """Stopping N replicas saves N times: those saves are coalesced, not N serializations
+    of the whole state, and each caller's change is on disk when its save returns."""
+    store = StateStore(tmp_path)
+    state = ConnectorState(namespace="t")
+
+    async def change_and_save(i: int) -> None:
+        state.components[f"C{i}"] = ComponentRecord(target=i)
+        await store.save(state)
+        on_disk = json.loads((tmp_path / "state.json").read_text())
+        assert on_disk["components"][f"C{i}"]["target"] == i
+
+    await asyncio.gather(*(change_and_save(i) for i in range(200)))
+    assert 1 <= store.writes_total <= 3
+    assert sorted(store.load().components) == sorted(f"C{i}" for i in range(200))  # type: ignore[union-attr]
+    before = store.writes_total
+    state.components["late"] = ComponentRecord(target=7)
+    await store.save(state)  # a save after the others is a write of its own
+    assert store.writes_total == before + 1
+    assert store.load().components["late"].target == 7  # type: ignore[union-attr]
+    store.close()
+
+
+async def test_a_failed_write_raises_in_every_caller_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that is full (as the kernel says it, ENOSPC) while saving: every caller of
+    that write gets the error, the last good state.json stays, and the next save works."""
+    store = StateStore(tmp_path)
+    state = ConnectorState(namespace="t")
+    state.components["A"] = ComponentRecord(target=1)
+    await store.save(state)
+    good = (tmp_path / "state.json").read_text()
+
+    def disk_full(text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write", disk_full)
+    state.components["A"] = ComponentRecord(target=2)
+    results = await asyncio.gather(store.save(state), store.save(state), return_exceptions=True)
+    assert [getattr(r, "errno", None) for r in results] == [errno.ENOSPC, errno.ENOSPC]
+    assert (tmp_path / "state.json").read_text() == good
+    monkeypatch.undo()
+    await store.save(state)
+    assert store.load().components["A"].target == 2  # type: ignore[union-attr]
+    store.close()
