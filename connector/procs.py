@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 
@@ -56,18 +57,52 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+# Children by parent, shared by every tree walk within this window: a walk of one tree
+# reads every process's parent, so N stops (or a resync over N replicas) at once would
+# otherwise read /proc N times over. A child born within the window and not yet in the map
+# is still in its parent's process group, which stops signal as a whole.
+_CHILDREN_TTL_S = 0.1
+_children_lock = threading.Lock()
+_children_at = -1.0
+_children: dict[int, list[int]] = {}
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    global _children_at, _children
+    with _children_lock:
+        now = time.monotonic()
+        if now - _children_at > _CHILDREN_TTL_S:
+            fresh: dict[int, list[int]] = {}
+            for proc in psutil.process_iter(["ppid"]):
+                ppid = proc.info.get("ppid")
+                if ppid is not None:
+                    fresh.setdefault(ppid, []).append(proc.pid)
+            _children, _children_at = fresh, now
+        return _children
+
+
 def tree_pids(pid: int | None) -> set[int]:
-    return {p.pid for p in tree(pid)} if pid else set()
+    """``pid`` and its descendants (blocking: reads /proc, call it in a thread)."""
+    if not pid or not psutil.pid_exists(pid):
+        return set()
+    children = _children_by_parent()
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def signal_group(pid: int, sig: int) -> None:
     """Signal the process group led by ``pid``, and every descendant outside it."""
-    members = tree(pid)
+    members = tree_pids(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    for proc in members:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, sig)
 
 
 def terminate_group(pid: int, graceful_s: float) -> str:
@@ -88,6 +123,84 @@ def terminate_group(pid: int, graceful_s: float) -> str:
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
     return "killed"
+
+
+async def wait_exit(pid: int, create_time: float | None, timeout_s: float) -> bool:
+    """Wait until ``pid`` has exited (a zombie counts: circusd reaps its children only
+    every check_delay), at most ``timeout_s``. A pidfd wakes the loop the moment it exits,
+    so thousands of stops wait at once without a thread or a poll each."""
+    if not same_process(pid, create_time):
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd here: poll, gently
+        deadline = time.monotonic() + timeout_s
+        while same_process(pid, create_time):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        if not same_process(pid, create_time):  # exited before the reader was in place
+            return True
+        await asyncio.wait_for(exited, timeout_s)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def terminate_group_async(pid: int, graceful_s: float) -> str:
+    """:func:`terminate_group` without holding a thread for the grace period: SIGTERM the
+    group, wait for the leader on a pidfd and for the rest of its tree, then SIGKILL what is
+    left. Returns ``"terminated"`` or ``"killed"``."""
+
+    def term() -> dict[int, float]:  # reads /proc: in a thread
+        found = identify(tree_pids(pid))
+        if found:
+            signal_group(pid, signal.SIGTERM)
+        return found
+
+    def kill(alive: set[int]) -> None:
+        signal_group(pid, signal.SIGKILL)
+        for other in alive:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(other).kill()
+
+    members = await asyncio.to_thread(term)
+    if not members:
+        return "terminated"
+    deadline = time.monotonic() + graceful_s
+    if pid in members:
+        await wait_exit(pid, members[pid], graceful_s)
+    # The rest of the tree was signalled with the group: gone at once, as a rule; all of
+    # it shares the one grace period.
+    alive = await _until_gone(members, max(0.0, deadline - time.monotonic()))
+    if not alive:
+        return "terminated"
+    await asyncio.to_thread(kill, alive)
+    await _until_gone(members, 5.0)
+    return "killed"
+
+
+async def _until_gone(members: Mapping[int, float], timeout_s: float) -> set[int]:
+    """Those of ``members`` still running after waiting up to ``timeout_s`` for them."""
+    deadline = time.monotonic() + timeout_s
+    alive = running(members)
+    while alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        alive = running(members)
+    return alive
 
 
 def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:

@@ -756,7 +756,7 @@ class Reconciler:
             how = "not running"
             if pids and pid is not None:
                 graceful = svc.graceful_stop_s if svc else 10.0
-                how = await asyncio.to_thread(procs.terminate_group, pid, graceful)
+                how = await procs.terminate_group_async(pid, graceful)
             span.set_attribute("dynamo_local.stop", how)
             with contextlib.suppress(SupervisorUnavailable, CircusCommandError):
                 await self.channel.call("rm", name=rec.watcher, waiting=True)
