@@ -503,9 +503,7 @@ class LocalConnector(PlannerConnectorMixin):
         """Refuse a target that takes the graph past the machine's replica budget: what a
         component without maxReplicas may have is the budget's share the others leave."""
         rec = self._live()
-        others = sum(
-            rec.component_record(n).target for n in self.graph.services if n != name
-        )
+        others = sum(rec.component_record(n).target for n in self.graph.services if n != name)
         if others + replicas <= self.replica_budget:
             return
         left = max(self.replica_budget - others, 0)

@@ -613,10 +613,15 @@ class Reconciler:
                 self._prune_exit_codes()
 
     def _prune_exit_codes(self) -> None:
+        """Exit codes wait here for the exit handler that asks for them; under a crash loop
+        of many replicas nobody may, so the oldest half goes past a bound."""
         if len(self._exit_codes) > 4096:
             for pid in list(self._exit_codes)[:2048]:
                 self._exit_codes.pop(pid, None)
                 self._reaped.pop(pid, None)
+        if len(self._last_code_by_watcher) > 4096:
+            for watcher in list(self._last_code_by_watcher)[:2048]:
+                self._last_code_by_watcher.pop(watcher, None)
 
     async def _handle_exit(self, rec: ReplicaRecord, pid: int) -> None:
         # Whatever the leader started dies with it: orphans would keep GPUs and ports.
