@@ -473,7 +473,9 @@ class ResourceManager:
         self, label: str, request: ResourceRequest, gpus: Sequence[str] = ()
     ) -> tuple[int, ...]:
         total = float(len(self.inventory.cpus))
-        used = sum(r.cpu_cores for _, r in self._holds())
+        # Summed only when asked for: a scale of many replicas that request no CPU stays
+        # linear instead of adding up every reservation once per replica.
+        used = sum(r.cpu_cores for _, r in self._holds()) if request.cpu else 0.0
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
                 f"{label} needs {_plural(request.cpu, 'CPU core')}, "
@@ -596,6 +598,8 @@ class ResourceManager:
     def _socket_paths(
         self, component: str, replica_id: str, specs: Sequence[SocketSpec]
     ) -> dict[str, str]:
+        if not specs:
+            return {}
         base = self.working_dir / "sock"
         held = {p for _, r in self._holds() for p in r.sockets.values()}
         out: dict[str, str] = {}
