@@ -309,9 +309,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.auth_all and not token:
         fail("--auth-all needs a token (--token or DYNAMO_LOCAL_TOKEN)")
         return EXIT_USAGE
-    if args.discovery == "etcd" and not args.etcd_url:
-        fail("--discovery etcd needs --etcd-url (e.g. http://127.0.0.1:2379)")
-        return EXIT_USAGE
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -334,6 +331,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         port_range=args.port_range,
         gpu_foreign_memory_threshold_bytes=args.gpu_foreign_threshold,
         gpu_release_timeout_s=args.release_timeout,
+        max_replicas=args.max_replicas,
     )
 
     def say(line: str) -> None:
@@ -423,11 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8787, help="listen port (0: any free port)")
     up.add_argument("--token", default=None, help=f"API bearer token (default: ${TOKEN_ENV})")
     up.add_argument("--auth-all", action="store_true", help="require the token on reads too")
-    up.add_argument("--discovery", choices=("file", "etcd", "none"), default="file")
-    up.add_argument("--etcd-url", default=None, help="etcd endpoint(s), comma-separated")
+    up.add_argument(
+        "--discovery",
+        choices=("file", "etcd", "none"),
+        default=None,
+        help="Dynamo discovery backend (default: etcd when there is an etcd, else file)",
+    )
+    up.add_argument(
+        "--etcd-url",
+        default=None,
+        help="etcd endpoint(s), comma-separated (default: a private etcd when the graph "
+        "has a Planner or --discovery etcd asks for one)",
+    )
     up.add_argument("--nats-url", default=None, help="NATS URL for the prefill queue")
     up.add_argument(
-        "--planner-executor", action="store_true", help="apply the Planner's etcd decisions"
+        "--planner-executor",
+        action="store_true",
+        help="apply the Planner's etcd decisions (always on for a graph with a Planner)",
     )
     up.add_argument("--working-dir", default=None, help="state, logs, sockets (default ~/.dynamo)")
     up.add_argument("--gpu-backend", default="auto", help="auto, nvml, none or fake:<capture.json>")
@@ -453,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for a stopped replica's processes and GPUs to be free, "
         "then hold them as lingering/leaked (default %(default)s)",
+    )
+    up.add_argument(
+        "--max-replicas",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="replicas the whole graph may run at once (default: "
+        f"{defaults.REPLICAS_PER_CORE} per core, at least {defaults.MIN_REPLICA_BUDGET})",
     )
     up.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -70,6 +70,11 @@ async def start_interop(connector: LocalConnector) -> list[Any]:
     """Start what the options ask for and plug it into the connector's hooks."""
     opts = connector.options
     interop = Interop()
+    extra_env = {"NATS_SERVER": opts.nats_url} if opts.nats_url else {}
+    if opts.etcd_url and opts.discovery != "etcd":
+        # The Planner's virtual connector dials etcd whatever the discovery backend
+        # (localhost:2379 unless told): hand every replica the etcd there is.
+        extra_env["ETCD_ENDPOINTS"] = opts.etcd_url
     try:
         if opts.discovery != "none":
             root = opts.file_kv or connector.working_dir / "discovery"
@@ -81,7 +86,6 @@ async def start_interop(connector: LocalConnector) -> list[Any]:
             )
             await discovery.start()
             interop.discovery = discovery
-            extra_env = {"NATS_SERVER": opts.nats_url} if opts.nats_url else {}
             bridge = DiscoveryBridge(connector, discovery, extra_env=extra_env)
             await bridge.start()
             interop.bridge = bridge
@@ -90,9 +94,8 @@ async def start_interop(connector: LocalConnector) -> list[Any]:
             hooks.before_stop = bridge.before_stop
             hooks.after_exit = bridge.after_exit
             hooks.replica_env = bridge.replica_env
-        elif opts.nats_url:
-            nats_env = {"NATS_SERVER": opts.nats_url}
-            connector.hooks.replica_env = lambda: dict(nats_env)
+        elif extra_env:
+            connector.hooks.replica_env = lambda: dict(extra_env)
         if opts.planner_executor:
             interop.executor = await _start_executor(connector)
         interop.queue = _queue_monitor(connector)

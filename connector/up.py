@@ -1,7 +1,8 @@
 """``dynamo-local up``: the composition root.
 
-Wires, in order: OpenTelemetry (``exporter.tracing``), the connector (graph loaded,
-circusd started, replicas adopted or started), the exporter, the HTTP app; then serves
+Wires, in order: OpenTelemetry (``exporter.tracing``), the graph, a private etcd when
+the graph needs etcd and none was named (:mod:`connector.private_etcd`), the connector
+(circusd started, replicas adopted or started), the exporter, the HTTP app; then serves
 until SIGINT/SIGTERM or ``POST /v1/shutdown``, and takes everything down in reverse order
 so that no process is left behind.
 """
@@ -21,7 +22,10 @@ from typing import Any
 from connector import defaults
 from connector.api.context import CONTEXT, ApiSettings
 from connector.errors import ConnectorError
-from connector.local import ConnectorOptions, LocalConnector
+from connector.frontend_hint import announce_when_serving, frontend_services
+from connector.graph import Graph, Role
+from connector.local import ConnectorOptions, LocalConnector, default_working_dir
+from connector.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd, PrivateEtcdError
 from connector.server import RunningServer, create_app, is_loopback, loopback_hosts, start_server
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,9 @@ class UpConfig:
     port: int = 8787
     token: str | None = None
     auth_all: bool = False
-    discovery: str = "file"
+    # None (no --discovery): etcd when there is an etcd (--etcd-url or a private one),
+    # else file.
+    discovery: str | None = None
     etcd_url: str | None = None
     nats_url: str | None = None
     planner_executor: bool = False
@@ -45,17 +51,27 @@ class UpConfig:
     port_range: tuple[int, int] = defaults.PORT_RANGE
     gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
     gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
+    max_replicas: int | None = None  # None: defaults.replica_budget()
 
-    def options(self) -> ConnectorOptions:
+    def options(
+        self, graph: Graph | None = None, private_etcd_url: str | None = None
+    ) -> ConnectorOptions:
+        etcd_url = self.etcd_url or private_etcd_url
+        # A Planner in virtual mode waits forever for its decisions to be acknowledged:
+        # with an etcd to read them from, the executor is always on for such a graph.
+        executor = self.planner_executor or (
+            etcd_url is not None and graph is not None and bool(_planners(graph))
+        )
         return ConnectorOptions(
-            discovery=self.discovery,
-            etcd_url=self.etcd_url,
+            discovery=self.discovery or ("etcd" if etcd_url else "file"),
+            etcd_url=etcd_url,
             nats_url=self.nats_url,
-            planner_executor=self.planner_executor,
+            planner_executor=executor,
             gpu_backend=self.gpu_backend,
             port_range=self.port_range,
             gpu_foreign_memory_threshold_bytes=self.gpu_foreign_memory_threshold_bytes,
             gpu_release_timeout_s=self.gpu_release_timeout_s,
+            max_replicas=self.max_replicas,
         )
 
 
@@ -63,13 +79,57 @@ class StartupError(Exception):
     """``up`` could not start; the message says what and why (exit code 1)."""
 
 
-async def _load_connector(config: UpConfig) -> LocalConnector:
+async def _load_graph(config: UpConfig) -> Graph:
     from connector.graph_loader import load_graph
 
     graph = await asyncio.to_thread(load_graph, config.graph)
     if config.namespace:
         graph = graph.in_namespace(config.namespace)  # one namespace, everywhere
-    return LocalConnector(graph.namespace, graph, config.working_dir, config.options())
+    return graph
+
+
+def _planners(graph: Graph) -> list[str]:
+    return [s.name for s in graph.services.values() if s.role is Role.PLANNER]
+
+
+def _why_etcd(graph: Graph, config: UpConfig) -> str | None:
+    """Why this run needs an etcd (None: it does not)."""
+    planners = _planners(graph)
+    if planners:
+        # Its virtual connector dials etcd whatever the discovery backend, and the
+        # executor reads its decisions from there.
+        return f"graph {graph.name!r} has a Planner (service {planners[0]}), which needs etcd"
+    if config.discovery == "etcd":
+        return "--discovery etcd needs etcd"
+    if config.planner_executor:
+        return "--planner-executor reads the Planner's decisions from etcd"
+    return None
+
+
+async def _private_etcd(
+    graph: Graph, config: UpConfig, working_dir: Path, stack: Stack, out: Callable[[str], None]
+) -> str | None:
+    """Start a private etcd when this run needs one and no --etcd-url names one; its URL."""
+    why = _why_etcd(graph, config)
+    if config.etcd_url or why is None:
+        return None
+    etcd = PrivateEtcd(working_dir / "etcd")
+    try:
+        url = await etcd.start()
+    except EtcdNotInstalled as exc:
+        raise StartupError(
+            f"{why}, and {exc}: install it (apt-get install {PACKAGE}) or pass --etcd-url URL"
+        ) from exc
+    except PrivateEtcdError as exc:
+        raise StartupError(
+            f"{why}, and a private etcd did not start: {exc}; or pass --etcd-url URL"
+        ) from exc
+    stack.etcd = etcd
+    if etcd.reused:
+        out(f"dynamo-local: using the private etcd a previous run left at {url}")
+    else:
+        out(f"dynamo-local: started a private etcd at {url} (data in {etcd.data_dir})")
+    return url
 
 
 def _install_signals(stop: asyncio.Event, out: Callable[[str], None]) -> Callable[[], None]:
@@ -100,13 +160,24 @@ class Stack:
 
     def __init__(self) -> None:
         self.telemetry: Any = None
+        self.etcd: PrivateEtcd | None = None
+        # A reused private etcd is ours to stop only once our connector took the namespace
+        # (a second `up` of a running namespace finds the first one's etcd, then fails).
+        self.etcd_owned = False
         self.connector: LocalConnector | None = None
         self.exporter: Any = None
         self.server: RunningServer | None = None
+        self.hint: asyncio.Task[bool] | None = None
 
     async def close(self, out: Callable[[str], None]) -> None:
         """Stop in the order that keeps the API truthful: the server goes last, so a client
-        (``dynamo-local down``) that sees it gone knows every replica is gone too."""
+        (``dynamo-local down``) that sees it gone knows every replica is gone too. A
+        private etcd goes after the replicas, which deregister from it as they stop."""
+        if self.hint is not None:
+            self.hint.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.hint
+            self.hint = None
         if self.exporter is not None:
             with contextlib.suppress(Exception):
                 await self.exporter.stop()
@@ -117,6 +188,13 @@ class Stack:
                 out(f"dynamo-local: stopping {running} replica(s)")
             await self.connector.shutdown()
             self.connector = None
+        if self.etcd is not None:
+            if self.etcd_owned or not self.etcd.reused:
+                try:
+                    await self.etcd.stop()
+                except Exception:
+                    log.exception("stopping the private etcd (pid %s)", self.etcd.pid)
+            self.etcd = None
         if self.server is not None:
             await self.server.stop()
             self.server = None
@@ -157,7 +235,12 @@ async def run_up(
             stack.telemetry = setup_telemetry()
         except TelemetryConfigError as exc:
             raise StartupError(f"OpenTelemetry settings: {exc}") from exc
-        connector = await _load_connector(config)
+        graph = await _load_graph(config)
+        working_dir = (config.working_dir or default_working_dir(graph.namespace)).expanduser()
+        etcd_url = await _private_etcd(graph, config, working_dir, stack, out)
+        connector = LocalConnector(
+            graph.namespace, graph, working_dir, config.options(graph, etcd_url)
+        )
         settings = ApiSettings(
             allowed_hosts=loopback_hosts(config.host) if is_loopback(config.host) else None
         )
@@ -168,14 +251,16 @@ async def run_up(
             request_shutdown=stop.set,
             settings=settings,
         )
-        # Listen first: a busy port fails before any process is started. Until the
-        # connector runs, the API answers 503 `starting` with Retry-After.
+        # Listen first: a busy port fails before any replica is started (a private etcd
+        # started above is stopped again). Until the connector runs, the API answers 503
+        # `starting` with Retry-After.
         try:
             stack.server = await start_server(app, config.host, config.port)
         except OSError as exc:
             raise StartupError(exc.strerror or str(exc)) from exc
         await connector.initialize()  # cleans up after itself when it fails
         stack.connector = connector
+        stack.etcd_owned = True
         if config.metrics:
             # Built after initialize: it samples the GPUs the connector opened.
             exporter = _build_exporter(connector, stack.telemetry)
@@ -183,6 +268,10 @@ async def run_up(
             stack.exporter = exporter
             app[CONTEXT].exporter = exporter
         _announce(connector, stack.server, config, out)
+        # Once the graph serves: a curl that gets an answer from its frontend.
+        stack.hint = asyncio.create_task(
+            announce_when_serving(connector, frontend_services(connector.graph), out)
+        )
         if on_listening is not None:
             on_listening(stack.server)
         await stop.wait()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything dynamo-local needs on a fresh machine: the virtualenv with pinned Python
-# packages (including the real Dynamo: frontend, mocker, Planner) and, with --test, the
+# packages (including the real Dynamo: frontend, mocker, Planner), Debian's etcd-server (the
+# demo graph's Planner needs etcd; `dynamo-local up` runs a private one) and, with --test, the
 # Debian packages whose real servers the test suite starts. Idempotent: a second run only
 # checks.
 set -euo pipefail
@@ -19,13 +20,14 @@ for arg in "$@"; do
   esac
 done
 
-# Debian packages: real servers and tools used by tests (and benchmarks).
-debs=()
+# Debian packages: etcd for the demo (always), real servers and tools used by tests (and
+# benchmarks).
+debs=(etcd-server)
 if [ "$want_test" = 1 ]; then
-  debs+=(etcd-server nats-server prometheus prometheus-alertmanager chromium docker-compose)
+  debs+=(nats-server prometheus prometheus-alertmanager chromium docker-compose)
 fi
 if [ "$want_bench" = 1 ]; then
-  debs+=(wrk prometheus-process-exporter etcd-server)
+  debs+=(wrk prometheus-process-exporter)
 fi
 missing=()
 for pkg in "${debs[@]}"; do
@@ -37,9 +39,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-  else
+  elif [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
     echo "setup: missing Debian packages (run as root or install them): ${missing[*]}" >&2
     exit 1
+  else
+    # Only etcd-server is wanted here, and only by graphs with a Planner: say so, and go on
+    # setting up the rest (`up` names the package again if such a graph is run).
+    echo "setup: missing Debian package etcd-server, which the demo needs (its Planner needs" \
+      "etcd): install it as root (apt-get install etcd-server), or run a graph against an" \
+      "etcd of yours with \`dynamo-local up GRAPH --etcd-url URL\`" >&2
   fi
 fi
 
