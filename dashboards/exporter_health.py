@@ -80,10 +80,10 @@ def build() -> dict[str, Any]:
         .with_panel(
             state_timeline_panel(
                 "Source up",
-                "Whether the exporter's last read of each source succeeded: circus "
-                "(connector state, process trees), nvml (GPUs), etcd (discovery), nats "
-                "(prefill queue), resources (allocation), planner (the Planner executor's "
-                "decisions).",
+                "Whether the exporter's last read of each source succeeded: processes "
+                "(connector state, process trees), nvml (GPUs), discovery (etcd or file "
+                "backend), prefill_queue (NATS JetStream or a /metrics gauge), resources "
+                "(allocation), planner (the Planner executor's decisions).",
                 [Query(metric("exporter_source_up"), "{{source}}")],
                 UP_DOWN,
                 width=24,

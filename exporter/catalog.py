@@ -85,7 +85,7 @@ EVENT_KINDS = (
     "leak",
     "other",
 )
-HEALTH_SOURCES = ("circus", "nvml", "etcd", "nats", "resources", "planner")
+HEALTH_SOURCES = ("processes", "nvml", "discovery", "prefill_queue", "resources", "planner")
 GPU_ALLOCATION_STATES = ("free", "allocated", "leaked")
 # NVML clock-event ("throttle") reasons, decoded from the bit mask.
 THROTTLE_REASONS = (
@@ -431,10 +431,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     # --- exporter health --------------------------------------------------------------------
     _spec("exporter_source_up", GAUGE, "", ("source",), Group.EXPORTER,
           "dynamo_local.exporter.source.up",
-          "1 when the exporter's last read of the source succeeded, else 0. circus: connector "
-          "state and process trees; nvml: GPUs; etcd: discovery; nats: prefill queue; "
-          "resources: allocation; planner: the Planner executor's decisions. Sources the "
-          "exporter was not given are absent.",
+          "1 when the exporter's last read of the source succeeded, else 0. processes: "
+          "connector state and process trees; nvml: GPUs; discovery: discovery instances "
+          "(etcd or file backend); prefill_queue: prefill queue (NATS JetStream or a /metrics "
+          "gauge); resources: allocation; planner: the Planner executor's decisions. Sources "
+          "the exporter was not given are absent.",
           enums={"source": HEALTH_SOURCES}),
     _spec("exporter_source_last_success_timestamp_seconds", GAUGE, "seconds", ("source",),
           Group.EXPORTER, "dynamo_local.exporter.source.last_success",

@@ -1,9 +1,11 @@
 """Per-source health of the exporter: is each source answering, and since when.
 
-Sources: ``circus`` (connector state and process trees), ``nvml`` (GPUs), ``etcd``
-(discovery), ``nats`` (prefill queue), ``resources`` (allocation), ``planner`` (the Planner
-executor's decisions). A failing source does
-not stop the others; its values are left out of the snapshot and its health says why.
+Sources are named after their data, not the transport: ``processes`` (connector state and
+process trees), ``nvml`` (GPUs), ``discovery`` (discovery instances, etcd or file backend),
+``prefill_queue`` (the prefill queue, NATS JetStream or a ``/metrics`` gauge), ``resources``
+(allocation), ``planner`` (the Planner executor's decisions); the names are
+``exporter.catalog.HEALTH_SOURCES``. A failing source does not stop the others; its values
+are left out of the snapshot and its health says why.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ class Sampler:
             (name, fn, parse)
             for name, fn, parse in (
                 ("resources", machine_view, parse_machine_view),
-                ("nats", queue_reader, parse_queue),
-                ("etcd", discovery_stats, parse_discovery),
+                ("prefill_queue", queue_reader, parse_queue),
+                ("discovery", discovery_stats, parse_discovery),
                 ("planner", planner_status, parse_planner),
             )
             if fn is not None
@@ -165,7 +165,9 @@ class Sampler:
             for r in view.replicas
             if r.pid is not None
         ]
-        procs_job = self._in_thread("circus", self._sample_processes, roots) if view_ok else _none()
+        procs_job = (
+            self._in_thread("processes", self._sample_processes, roots) if view_ok else _none()
+        )
         gpu_job = self._in_thread("nvml", self._sample_gpus) if self.gpu_backend else _none()
         optional_jobs = [self._read_optional(name, fn, parse) for name, fn, parse in self._optional]
         procs, gpus, *optional = await asyncio.gather(procs_job, gpu_job, *optional_jobs)
@@ -182,8 +184,8 @@ class Sampler:
             gpu_devices=self._devices if self.gpu_backend else (),
             gpus=samples,
             machine=readings.get("resources"),
-            queue=readings.get("nats"),
-            discovery=readings.get("etcd"),
+            queue=readings.get("prefill_queue"),
+            discovery=readings.get("discovery"),
             planner=readings.get("planner"),
             health=self.health.snapshot(),
             collection_cpu_seconds_total=self._cpu_total,
@@ -201,7 +203,7 @@ class Sampler:
         try:
             view = self.reader.view()
         except Exception as exc:  # the connector is broken: report it, sample nothing
-            self.health.failure("circus", time.perf_counter() - started, describe(exc))
+            self.health.failure("processes", time.perf_counter() - started, describe(exc))
             previous = self._last_view
             return empty_view(previous.namespace if previous else ""), False
         self._last_view = view

@@ -25,14 +25,14 @@ SOURCE_SHAPES = """\
  "memory": {"allocatable_bytes": int, "reserved_bytes": int},   # optional
  "lingering": [{"replica": str, "pids": [int]}, ...]}            # optional: counted
 
-# prefill queue (health source "nats"): a status other than "ok" is a failed read
+# prefill queue (health source "prefill_queue"): a status other than "ok" is a failed read
 {"status": "ok" | "unavailable", "reason": str,
  "pending": int, "ack_pending": int, "redelivered": int, "consumers": int,
  "stream_messages": int, "stream_bytes": int,
  "enqueue_rate": float, "dequeue_rate": float,          # messages per second
  "oldest_pending_age_s": float}                         # every number optional
 
-# discovery stats (health source "etcd")
+# discovery stats (health source "discovery")
 {"instances": {"<component>": int, ...}, "stale_reaped_total": int}   # both optional
 
 # Planner executor status (health source "planner"): {} while no executor runs (no series);

@@ -147,7 +147,7 @@ async def test_optional_sources_are_parsed_and_published() -> None:
         == 2
     )
     assert values['dynamo_local_discovery_stale_reaped_total{dynamo_namespace="demo"}'] == 3
-    for source in ("circus", "resources", "nats", "etcd"):
+    for source in ("processes", "resources", "prefill_queue", "discovery"):
         assert values[f'dynamo_local_exporter_source_up{{source="{source}"}}'] == 1
         assert values[f'dynamo_local_exporter_source_errors_total{{source="{source}"}}'] == 0
     assert not series_with(_text(exporter), 'source="nvml"')  # no GPU backend given
@@ -172,37 +172,37 @@ async def test_failing_sources_are_isolated_and_reported() -> None:
     snap = exporter.latest_snapshot()
     assert snap is not None and snap.queue is None and snap.discovery is None
     health = {h.source: h for h in snap.health}
-    assert health["nats"].last_error == (
+    assert health["prefill_queue"].last_error == (
         "SourceUnavailable: prefill queue is unavailable: nats: no servers available for connection"
     )
-    assert health["etcd"].last_error == "timed out after 0.05 s"
+    assert health["discovery"].last_error == "timed out after 0.05 s"
     assert (
         health["resources"].last_error == "SourceFormatError: machine view: gpus[0] has no 'uuid'"
     )
     values = samples(_text(exporter))
-    for source in ("nats", "etcd", "resources"):
+    for source in ("prefill_queue", "discovery", "resources"):
         assert values[f'dynamo_local_exporter_source_up{{source="{source}"}}'] == 0
         assert values[f'dynamo_local_exporter_source_errors_total{{source="{source}"}}'] == 2
         assert (
             f'dynamo_local_exporter_source_last_success_timestamp_seconds{{source="{source}"}}'
             not in values
         )
-    assert values['dynamo_local_exporter_source_up{source="circus"}'] == 1
+    assert values['dynamo_local_exporter_source_up{source="processes"}'] == 1
     assert (
-        values['dynamo_local_exporter_source_last_success_timestamp_seconds{source="circus"}']
+        values['dynamo_local_exporter_source_last_success_timestamp_seconds{source="processes"}']
         == clock.now
     )
     assert series_with(_text(exporter), "replica_cpu_seconds_total")  # the rest still works
 
 
-async def test_broken_connector_view_is_reported_as_circus_down() -> None:
+async def test_broken_connector_view_is_reported_as_processes_down() -> None:
     reader, _, _, exporter = _setup()
     await exporter.sample_once()
     reader.fail_with = RuntimeError("state lock poisoned")
     snap = await exporter.sample_once()
-    (circus,) = [h for h in snap.health if h.source == "circus"]
-    assert (circus.up, circus.errors_total) == (False, 1)
-    assert circus.last_error == "RuntimeError: state lock poisoned"
+    (processes,) = [h for h in snap.health if h.source == "processes"]
+    assert (processes.up, processes.errors_total) == (False, 1)
+    assert processes.last_error == "RuntimeError: state lock poisoned"
     assert snap.replicas == ()
 
 
