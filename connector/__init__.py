@@ -41,12 +41,13 @@ if TYPE_CHECKING:
     from connector import graph_api
     from connector.graph import Graph, Service
     from connector.graph_loader import build_graph, load_graph
-    from connector.local import ConnectorOptions, LocalConnector
+    from connector.local import LocalConnector
+    from connector.options import ConnectorOptions
 
 # name -> the module that defines it, imported on first access.
 _LAZY = {
     "LocalConnector": "connector.local",
-    "ConnectorOptions": "connector.local",
+    "ConnectorOptions": "connector.options",
     "Graph": "connector.graph",
     "Service": "connector.graph",
     "load_graph": "connector.graph_loader",

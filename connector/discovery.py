@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -310,34 +309,3 @@ def local_addresses() -> frozenset[str]:
         for addr in addrs:
             hosts.add(addr.address.split("%", 1)[0])
     return frozenset(hosts)
-
-
-# --------------------------------------------------------------------- opening
-
-
-def open_discovery(
-    kind: str,
-    *,
-    file_root: Path | None = None,
-    etcd_url: str | None = None,
-    namespaces: Iterable[str] = (),
-) -> Discovery:
-    """A (not yet started) discovery backend.
-
-    ``kind`` is ``"file"`` (needs ``file_root``, Dynamo's ``DYN_FILE_KV``) or ``"etcd"``
-    (needs ``etcd_url``, e.g. ``http://127.0.0.1:2379``). ``namespaces`` are Dynamo
-    namespaces whose early-2025 keys (``{ns}/components/...``) are read as well.
-    """
-    if kind == "file":
-        if file_root is None:
-            raise ValueError("file discovery needs a root directory (DYN_FILE_KV)")
-        from connector.discovery_file import FileDiscovery
-
-        return FileDiscovery(file_root)
-    if kind == "etcd":
-        if not etcd_url:
-            raise ValueError("etcd discovery needs an etcd URL (ETCD_ENDPOINTS)")
-        from connector.discovery_etcd import EtcdDiscovery
-
-        return EtcdDiscovery(etcd_url, namespaces=namespaces)
-    raise ValueError(f"unknown discovery backend {kind!r}: expected 'file' or 'etcd'")

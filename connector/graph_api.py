@@ -57,6 +57,11 @@ class ServiceDecl:
             raw["local"] = {**raw.get("local", {}), "dependsOn": names}
         return raw
 
+    def to_graph(self) -> Graph:
+        """The graph of this service and everything it depends on, named after it (what
+        ``dynamo-local up module:service`` runs)."""
+        return graph(self.name.lower(), self)
+
     def __repr__(self) -> str:
         return f"ServiceDecl({self.name!r})"
 

@@ -954,11 +954,13 @@ def _load_python(identifier: str, base: Path) -> Graph:
             )
         obj = getattr(obj, part)
 
-    from connector.graph_api import ServiceDecl, graph  # the API imports this module
-
-    if isinstance(obj, ServiceDecl):
+    # A service declaration (connector.graph_api.service) stands for itself and what it
+    # depends on. Recognized by its method, not its class: the API builds graphs with this
+    # module, so this module must not import the API.
+    to_graph = getattr(obj, "to_graph", None)
+    if not isinstance(obj, Graph) and callable(to_graph):
         try:
-            obj = graph(obj.name.lower(), obj)
+            obj = to_graph()
         except GraphError as exc:
             raise GraphError(f"{identifier}: {exc.message}", **exc.details) from None
     if not isinstance(obj, Graph):

@@ -15,12 +15,16 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from connector.discovery import Discovery, open_discovery
+from connector.discovery import Discovery
 from connector.discovery_bridge import DiscoveryBridge
+from connector.discovery_open import open_discovery
 from connector.errors import DiscoveryUnavailable
+from connector.events import EventLog
 from connector.graph import Graph, SubComponentType
+from connector.options import ConnectorOptions
 from connector.planner import (
     DecisionOutcome,
     VirtualConnectorExecutor,
@@ -28,10 +32,41 @@ from connector.planner import (
     resolve_component,
 )
 from connector.queues import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
+from connector.reconcile import Hooks
+from connector.state import ConnectorState
 from connector.topology import build_topology, observe_links
+from connector.view import ConnectorView
 
-if TYPE_CHECKING:
-    from connector.local import LocalConnector
+
+class InteropHost(Protocol):
+    """What interop needs of the connector it serves (InteropHost is one): typed here,
+    so that this module does not import the connector that starts it."""
+
+    graph: Graph
+    state: ConnectorState
+    events: EventLog
+    options: ConnectorOptions
+    working_dir: Path
+    hooks: Hooks
+    interop: Interop | None
+
+    def view(self) -> ConnectorView: ...
+
+    def replica_pids(self, name: str) -> dict[str, set[int]]: ...
+
+    async def wait_started(self) -> bool: ...
+
+    async def scale_component(
+        self,
+        name: str,
+        replicas: int,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        source: str = "api",
+        decision_id: int | None = None,
+    ) -> bool: ...
+
+    async def get_prefill_queue_metrics(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -54,11 +89,11 @@ class Interop:
             await self.discovery.close()
 
 
-def interop_of(connector: LocalConnector) -> Interop | None:
-    return next((e for e in connector._extensions if isinstance(e, Interop)), None)
+def interop_of(connector: InteropHost) -> Interop | None:
+    return connector.interop
 
 
-def _namespaces(connector: LocalConnector) -> list[str]:
+def _namespaces(connector: InteropHost) -> list[str]:
     graph = connector.graph
     names = {graph.namespace} | {
         s.dynamo_namespace for s in graph.services.values() if s.dynamo_namespace
@@ -66,7 +101,7 @@ def _namespaces(connector: LocalConnector) -> list[str]:
     return sorted(names)
 
 
-async def start_interop(connector: LocalConnector) -> list[Any]:
+async def start_interop(connector: InteropHost) -> Interop:
     """Start what the options ask for and plug it into the connector's hooks."""
     opts = connector.options
     interop = Interop()
@@ -103,10 +138,10 @@ async def start_interop(connector: LocalConnector) -> list[Any]:
         with contextlib.suppress(Exception):
             await interop.close()
         raise
-    return [interop]
+    return interop
 
 
-async def _start_executor(connector: LocalConnector) -> VirtualConnectorExecutor:
+async def _start_executor(connector: InteropHost) -> VirtualConnectorExecutor:
     opts = connector.options
     if not opts.etcd_url:
         raise DiscoveryUnavailable(
@@ -173,7 +208,7 @@ async def until_discovered(
     return outcome
 
 
-def _queue_monitor(connector: LocalConnector) -> PrefillQueueMonitor:
+def _queue_monitor(connector: InteropHost) -> PrefillQueueMonitor:
     opts = connector.options
     extra = opts.extra
     return PrefillQueueMonitor(
@@ -186,7 +221,7 @@ def _queue_monitor(connector: LocalConnector) -> PrefillQueueMonitor:
     )
 
 
-def discovery_stats(connector: LocalConnector) -> dict[str, Any]:
+def discovery_stats(connector: InteropHost) -> dict[str, Any]:
     """Instances per component and stale entries reaped, as the exporter reads them."""
     interop = interop_of(connector)
     if interop is None or interop.bridge is None:
@@ -194,7 +229,7 @@ def discovery_stats(connector: LocalConnector) -> dict[str, Any]:
     return interop.bridge.stats()
 
 
-def planner_status(connector: LocalConnector) -> dict[str, Any]:
+def planner_status(connector: InteropHost) -> dict[str, Any]:
     """The Planner executor's status (``VirtualConnectorExecutor.status``), as the exporter
     reads it; ``{}`` while no executor runs (not configured, not started yet, or closed)."""
     interop = interop_of(connector)
@@ -204,7 +239,7 @@ def planner_status(connector: LocalConnector) -> dict[str, Any]:
     return executor.status()
 
 
-async def system_topology(connector: LocalConnector) -> dict[str, Any]:
+async def system_topology(connector: InteropHost) -> dict[str, Any]:
     """Graph, replicas, discovery instances and observed links, joined."""
     interop = interop_of(connector)
     view = connector.view()
@@ -226,7 +261,7 @@ async def system_topology(connector: LocalConnector) -> dict[str, Any]:
     return build_topology(connector.graph, view, instances, links, owners, components)
 
 
-async def prefill_queue_metrics(connector: LocalConnector) -> dict[str, Any]:
+async def prefill_queue_metrics(connector: InteropHost) -> dict[str, Any]:
     interop = interop_of(connector)
     monitor = interop.queue if interop is not None else None
     if monitor is None:

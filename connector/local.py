@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,7 +23,6 @@ from connector import defaults, procs
 from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
-    ConnectorError,
     ConnectorStarting,
     CrashLoop,
     InvalidReplicas,
@@ -35,6 +32,8 @@ from connector.errors import (
 )
 from connector.events import Event, EventLog, Subscriber
 from connector.graph import Graph
+from connector.interop import Interop, start_interop
+from connector.options import Closeable, ConnectorOptions, default_working_dir
 from connector.planner_interface import PlannerConnectorMixin
 from connector.reconcile import Hooks, Reconciler, ResourceBroker
 from connector.state import ConnectorState, StateStore
@@ -48,40 +47,12 @@ from connector.supervisor import (
 )
 from connector.view import ConnectorView
 
+__all__ = ["ConnectorOptions", "LocalConnector", "default_working_dir"]
+
 log = logging.getLogger(__name__)
 
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_LOG_LINES = 10_000
-
-
-@dataclass
-class ConnectorOptions:
-    """Everything that is not in the graph. Defaults run a graph with no external service."""
-
-    discovery: str = "file"  # file | etcd | none
-    file_kv: Path | None = None  # default: <working_dir>/discovery
-    etcd_url: str | None = None
-    nats_url: str | None = None
-    circus_endpoint: str | None = None  # attach to an external circusd instead of owning one
-    circus_pubsub_endpoint: str | None = None
-    circus_check_delay_s: float = 0.25
-    gpu_backend: str = "auto"  # auto | nvml | none | fake:<capture.json>
-    port_range: tuple[int, int] = defaults.PORT_RANGE  # ports handed to replicas
-    # Skip GPUs that processes not ours use beyond this.
-    gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
-    # Then a stopped replica's resources are held as lingering (processes alive) or its
-    # GPUs as leaked (NVML still lists them).
-    gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
-    resync_s: float = 1.0
-    scale_timeout_s: float = 300.0
-    planner_executor: bool = False
-    # Replicas the whole graph may run at once (None: defaults.replica_budget()).
-    max_replicas: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def default_working_dir(namespace: str) -> Path:
-    return Path.home() / ".dynamo" / "local" / namespace
 
 
 class LocalConnector(PlannerConnectorMixin):
@@ -126,7 +97,8 @@ class LocalConnector(PlannerConnectorMixin):
         # Set once initialize() has finished (or failed) or shutdown() began: what
         # wait_started() waits on.
         self._settled = asyncio.Event()
-        self._extensions: list[Any] = []  # started after the loop, stopped before it
+        self._extensions: list[Closeable] = []  # started after the loop, stopped before it
+        self.interop: Interop | None = None  # discovery, Planner executor, prefill queue
         self._metrics_source: Callable[[str], dict[str, Any]] | None = None
         self._resource_manager: Any = None
 
@@ -265,9 +237,8 @@ class LocalConnector(PlannerConnectorMixin):
 
     async def _start_interop(self) -> None:
         """Discovery, Planner executor and queue monitor, when configured."""
-        from connector.interop import start_interop
-
-        self._extensions = await start_interop(self)
+        self.interop = await start_interop(self)
+        self._extensions.append(self.interop)
 
     def _clamp_targets(self) -> None:
         assert self.reconciler is not None
@@ -340,7 +311,7 @@ class LocalConnector(PlannerConnectorMixin):
         if rec is not None:
             await rec.stop_loop()
             if not detach:
-                await self._stop_all(rec)
+                await rec.stop_all("connector shutdown")
         for ext in reversed(self._extensions):
             with contextlib.suppress(Exception):
                 await ext.close()
@@ -361,31 +332,39 @@ class LocalConnector(PlannerConnectorMixin):
         await self.events.aclose()
         await asyncio.to_thread(self.store.close)
 
-    async def _stop_all(self, rec: Reconciler) -> None:
-        # Drain and stop every replica concurrently, through the same path as a scale-down.
-        tasks = []
-        for replica in list(self.state.replicas.values()):
-            was_ready = replica.phase == "ready"
-            tasks.append(rec._stop(replica, None, "connector shutdown", was_ready))
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     @property
     def closed(self) -> bool:
         return self._closed
 
-    async def supervisor_ok(self, timeout_s: float = 2.0) -> bool:
-        """True when circusd answers a ``list`` within ``timeout_s``."""
+    async def ping_supervisor(self, timeout_s: float) -> dict[str, Any]:
+        """circusd's answer to ``list`` on the connector's own serialized channel (the one
+        the loop uses, so an answer means our commands get through). Raises
+        ConnectorClosed before start, SupervisorUnavailable when circusd does not answer."""
         channel = self.reconciler.channel if self.reconciler is not None else self._channel
         if channel is None or self._closed:
-            return False
-        try:
-            await channel.call("list", timeout_s=timeout_s)
-        except ConnectorError:
-            return False
-        except Exception:
-            return False
-        return True
+            raise ConnectorClosed("the connector has no supervisor channel (not initialized)")
+        reply: dict[str, Any] = await channel.call("list", timeout_s=timeout_s)
+        return {**reply, "endpoint": channel.endpoint}
+
+    @property
+    def gpu_backend(self) -> Any:
+        """The GPU backend the resources were opened with (NVML, a fake, or None)."""
+        return getattr(self._resource_manager, "gpu_backend", None)
+
+    @property
+    def resource_manager(self) -> Any:
+        """The resource manager (reservations, releases, the machine view); None before
+        :meth:`initialize`."""
+        return self._resource_manager
+
+    @property
+    def metrics_source(self) -> Callable[[str], dict[str, Any]] | None:
+        return self._metrics_source
+
+    def attach(self, closeable: Closeable) -> None:
+        """Close ``closeable`` with the connector (after the loop stops, before circusd):
+        what a caller started on top of it, such as an exporter."""
+        self._extensions.append(closeable)
 
     def set_metrics_source(self, source: Callable[[str], dict[str, Any]] | None) -> None:
         """Where ``get_component_metrics``/``get_resource_usage`` read usage from: the
@@ -471,7 +450,7 @@ class LocalConnector(PlannerConnectorMixin):
             op.target = comp.target
             await rec.save()
             first = plan.refused[0]
-            rec._finish_op(op, "partial" if plan.started else "refused", first.message)
+            rec.finish_op(op, "partial" if plan.started else "refused", first.message)
             raise ResourcesExhausted(
                 first.message,
                 **{
@@ -543,7 +522,7 @@ class LocalConnector(PlannerConnectorMixin):
         comp.crashloop_reason = None
         comp.crashloop_spec = None
         comp.failures = []
-        rec._blocked.pop(name, None)
+        rec.unblock(name)
         target = comp.target
         op = rec.begin_op(name, target, kind="restart", source="api")
         for replica in self.state.replicas_of(name):
@@ -565,7 +544,8 @@ class LocalConnector(PlannerConnectorMixin):
     # ---------------------------------------------------------------- reading
 
     def view(self) -> ConnectorView:
-        return build_view(self)
+        ops = self.reconciler.ops if self.reconciler is not None else {}
+        return build_view(self.namespace, self.graph, self.state, ops)
 
     def recent_events(self, since: int = 0) -> list[Event]:
         return self.events.since(since)
@@ -659,6 +639,3 @@ class LocalConnector(PlannerConnectorMixin):
             if r.pid is not None and procs.same_process(r.pid, r.create_time):
                 out[r.replica_id] = procs.tree_pids(r.pid)
         return out
-
-    def service_env(self) -> Mapping[str, str]:
-        return dict(os.environ)

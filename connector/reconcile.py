@@ -723,7 +723,7 @@ class Reconciler:
                 other.reservation = None
         op = self.ops.get(rec.component)
         if op is not None and not op.done:
-            self._finish_op(op, "failed", f"crashloop: {comp.crashloop_reason}")
+            self.finish_op(op, "failed", f"crashloop: {comp.crashloop_reason}")
 
     def _schedule_wake(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
@@ -938,12 +938,27 @@ class Reconciler:
 
     # ------------------------------------------------------- scale operations
 
+    def unblock(self, name: str) -> None:
+        """Forget that ``name``'s reservations failed at its target, so the next pass
+        tries again (a restart asks for fresh replicas)."""
+        self._blocked.pop(name, None)
+
+    async def stop_all(self, why: str) -> None:
+        """Drain and stop every replica concurrently, through the same path as a
+        scale-down (what a shutdown does)."""
+        stops = [
+            self._stop(rec, None, why, rec.phase == "ready")
+            for rec in list(self.state.replicas.values())
+        ]
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+
     def begin_op(
         self, name: str, target: int, *, kind: str, source: str, decision_id: int | None = None
     ) -> ScaleOp:
         previous = self.ops.get(name)
         if previous is not None and not previous.done:
-            self._finish_op(previous, "superseded", f"superseded by a newer target {target}")
+            self.finish_op(previous, "superseded", f"superseded by a newer target {target}")
         comp = self.component_record(name)
         live = [r for r in self.state.replicas_of(name) if r.phase != "stopping"]
         op = ScaleOp(
@@ -968,7 +983,7 @@ class Reconciler:
         recs = self.state.replicas_of(name)
         return len(recs) == comp.target and all(r.phase == "ready" for r in recs)
 
-    def _finish_op(self, op: ScaleOp, outcome: str, reason: str | None = None) -> None:
+    def finish_op(self, op: ScaleOp, outcome: str, reason: str | None = None) -> None:
         after = len([r for r in self.state.replicas_of(op.component) if r.phase == "ready"])
         op.finish(outcome, after, reason)
         self.events.emit(
@@ -995,13 +1010,13 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
         if not op.done:
-            self._finish_op(op, "timeout", f"not converged within {timeout_s:g} s")
+            self.finish_op(op, "timeout", f"not converged within {timeout_s:g} s")
         return op.outcome == "ok"
 
     async def _notify(self) -> None:
         for name, op in list(self.ops.items()):
             if not op.done and name in self.graph.services and self.converged(name):
-                self._finish_op(op, "ok")
+                self.finish_op(op, "ok")
         async with self._changed:
             self._changed.notify_all()
 

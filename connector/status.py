@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
-from connector.state import ComponentRecord, ReplicaRecord
+from connector.graph import Graph
+from connector.operations import ScaleOp
+from connector.state import ComponentRecord, ConnectorState, ReplicaRecord
 from connector.view import ComponentView, ConnectorView, ReplicaView
-
-if TYPE_CHECKING:
-    from connector.local import LocalConnector
 
 
 def component_status(comp: ComponentRecord, recs: list[ReplicaRecord]) -> str:
@@ -58,15 +57,15 @@ def replica_view(
     )
 
 
-def build_view(connector: LocalConnector) -> ConnectorView:
-    state = connector.state
-    graph = connector.graph
-    rec = connector.reconciler
+def build_view(
+    namespace: str, graph: Graph, state: ConnectorState, ops: Mapping[str, ScaleOp]
+) -> ConnectorView:
+    """The snapshot of ``state`` (``ops``: the scale operation in flight per component)."""
     components = []
     for name, svc in graph.services.items():
         comp = state.components.get(name) or ComponentRecord(target=svc.replicas)
         recs = state.replicas_of(name)
-        op = rec.ops.get(name) if rec is not None else None
+        op = ops.get(name)
         status = component_status(comp, recs)
         reason = comp.crashloop_reason if comp.crashloop else None
         if reason is None and status == "degraded":
@@ -102,7 +101,7 @@ def build_view(connector: LocalConnector) -> ConnectorView:
         for r in state.replicas.values()
     )
     return ConnectorView(
-        namespace=connector.namespace,
+        namespace=namespace,
         taken_at=time.time(),
         components=tuple(components),
         replicas=replicas,

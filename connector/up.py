@@ -24,7 +24,8 @@ from connector.api.context import CONTEXT, ApiSettings
 from connector.errors import ConnectorError
 from connector.frontend_hint import announce_when_serving, frontend_services
 from connector.graph import Graph, Role
-from connector.local import ConnectorOptions, LocalConnector, default_working_dir
+from connector.local import LocalConnector
+from connector.options import ConnectorOptions, default_working_dir
 from connector.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd, PrivateEtcdError
 from connector.server import RunningServer, create_app, is_loopback, loopback_hosts, start_server
 
@@ -207,7 +208,7 @@ class Stack:
 def _build_exporter(connector: LocalConnector, telemetry: Any) -> Any:
     """The exporter over ``connector``; started once the connector runs. The connector
     reads its own usage numbers from it, so the API and ``/metrics`` agree."""
-    from connector.usage import exporter_sources
+    from exporter.embedded import exporter_sources
     from exporter.service import build_exporter
 
     exporter = build_exporter(connector, **exporter_sources(connector))

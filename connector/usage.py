@@ -1,83 +1,78 @@
 """What ``get_component_metrics`` and ``get_resource_usage`` return.
 
 The numbers come from the exporter's latest snapshot, so the API, the CLI and ``/metrics``
-always agree. ``dynamo-local up`` builds the exporter and hands its reader to the connector
-(``set_metrics_source``); a connector used as a library with no exporter gets one started on
-first use here. This module is the only place in ``connector`` that touches ``exporter``, and
-only through its public factory, at run time: the exporter depends on the connector, never the
-reverse at import time.
+always agree. ``dynamo-local up`` (the composition root) builds the exporter and hands its
+reader to the connector (``set_metrics_source``). A connector used as a library with no
+reader gets one from the metrics provider installed under the entry-point group
+:data:`PROVIDER_GROUP`: the exporter package registers itself there
+(``exporter.embedded:attach``). So the connector never imports the exporter; the package
+metadata says which one serves it.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from connector.local import LocalConnector
+from connector.errors import ConnectorError
+from connector.view import ConnectorView
 
-FIRST_SNAPSHOT_WAIT_S = 5.0
+PROVIDER_GROUP = "dynamo_local.metrics"
 
-
-def exporter_sources(connector: LocalConnector) -> dict[str, Any]:
-    """The sources an exporter over ``connector`` reads (shared by ``up`` and the lazy path)."""
-    manager = connector._resource_manager
-    sources: dict[str, Any] = {
-        "gpu_backend": getattr(manager, "gpu_backend", None),
-        "machine_view": connector.get_machine_resources,
-    }
-    if connector.options.nats_url:
-        sources["queue_reader"] = connector.get_prefill_queue_metrics
-    stats = getattr(connector, "discovery_stats", None)
-    if stats is not None and connector.options.discovery != "none":
-        sources["discovery_stats"] = stats
-    planner = getattr(connector, "planner_status", None)
-    if planner is not None and connector.options.planner_executor:
-        sources["planner_status"] = planner
-    return sources
+MetricsSource = Callable[[str], dict[str, Any]]
 
 
-class _LocalExporter:
-    """An exporter the connector started for itself; closed with the connector."""
+class MetricsUnavailable(ConnectorError):
+    """No exporter reads this connector, and none is installed to start."""
 
-    def __init__(self, exporter: Any) -> None:
-        self.exporter = exporter
-
-    async def close(self) -> None:
-        await self.exporter.stop()
+    code = "metrics_unavailable"
+    http_status = 503
 
 
-async def metrics_source(connector: LocalConnector) -> Callable[[str], dict[str, Any]]:
-    if connector._metrics_source is not None:
-        return connector._metrics_source
-    from exporter.service import build_exporter
+class UsageHost(Protocol):
+    """What the usage numbers need of the connector."""
 
-    exporter = build_exporter(connector, **exporter_sources(connector))
-    await exporter.start()
-    connector._extensions.append(_LocalExporter(exporter))
-    # The first sampling cycle runs right after start; give it a bounded moment.
-    for _ in range(int(FIRST_SNAPSHOT_WAIT_S / 0.05)):
-        if exporter.latest_snapshot() is not None:
-            break
-        await asyncio.sleep(0.05)
-    source: Callable[[str], dict[str, Any]] = exporter.component_metrics
-    connector.set_metrics_source(source)
+    @property
+    def metrics_source(self) -> MetricsSource | None: ...
+
+    def view(self) -> ConnectorView: ...
+
+
+def _provider() -> Callable[[Any], Awaitable[None]] | None:
+    found = sorted(entry_points(group=PROVIDER_GROUP), key=lambda e: e.name)
+    return found[0].load() if found else None
+
+
+async def metrics_source(host: UsageHost) -> MetricsSource:
+    """The connector's metrics reader, starting the installed provider on first use."""
+    if host.metrics_source is None:
+        provider = _provider()
+        if provider is None:
+            raise MetricsUnavailable(
+                "no exporter reads this connector and none is installed: install the "
+                f"exporter package (entry point group {PROVIDER_GROUP!r}) or run under "
+                "`dynamo-local up`"
+            )
+        await provider(host)  # sets the connector's metrics source
+    source = host.metrics_source
+    if source is None:
+        raise MetricsUnavailable(f"the {PROVIDER_GROUP!r} provider set no metrics source")
     return source
 
 
-async def component_metrics(connector: LocalConnector, name: str) -> dict[str, Any]:
+async def component_metrics(host: UsageHost, name: str) -> dict[str, Any]:
     """Per replica and totals: processes, CPU seconds and utilization, RSS/PSS/USS, GPU
     memory and SM utilization per GPU, from the latest sample."""
-    source = await metrics_source(connector)
+    source = await metrics_source(host)
     return source(name)
 
 
-async def resource_usage(connector: LocalConnector, name: str) -> dict[str, Any]:
+async def resource_usage(host: UsageHost, name: str) -> dict[str, Any]:
     """Per replica: what is allocated (GPUs, fraction, CPU, memory, ports, sockets) and what
     is used: the same numbers as ``component_metrics``, plus the ports and sockets."""
-    usage = await component_metrics(connector, name)
-    views = {v.replica: v for v in connector.view().replicas_of(name)}
+    usage = await component_metrics(host, name)
+    views = {v.replica: v for v in host.view().replicas_of(name)}
     for replica in usage.get("replicas", []):
         view = views.get(str(replica.get("replica")))
         if view is not None:

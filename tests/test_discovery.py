@@ -17,9 +17,9 @@ from connector.discovery import (
     ReplicaAddress,
     listening_ports,
     match_instance,
-    open_discovery,
     parse_instance,
 )
+from connector.discovery_open import open_discovery
 from connector.dynamo_keys import encode_value, instance_key, instance_value
 
 BIG_ID = 0xFEDCBA9876543210  # above 2**63: a float would lose it

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from connector.graph import ResourceRequest
-from connector.usage import exporter_sources
+from exporter.embedded import exporter_sources
 from exporter.exposition import Format
 from exporter.service import build_exporter
 from tests.core_helpers import make_graph, pids, python_cmd, running, svc, wait_until
@@ -64,7 +64,7 @@ async def test_scaling_a_real_connector_shows_in_metrics_and_usage(tmp_path: Pat
                 assert bool(found) == (ordinal == kept), ordinal
             snapshot = exporter.latest_snapshot()
             assert snapshot is not None
-            assert {h.source: h.up for h in snapshot.health}["circus"] is True
+            assert {h.source: h.up for h in snapshot.health}["processes"] is True
         finally:
             await exporter.stop()
 

@@ -76,7 +76,7 @@ async def test_replica_gets_its_gpu_and_releases_it_after_exit(
         assert machine["gpus"][0]["state"] == "allocated"
         # NVML attributes the memory to the replica's PID (it may list it a moment after
         # the replica opened its port).
-        backend = conn._resource_manager.gpu_backend
+        backend = conn.gpu_backend
         await wait_until_async(lambda: _holds(backend, {pid}, 512 << 20), timeout=30)
         samples = await asyncio.to_thread(backend.sample)
         mine = [p for s in samples for p in s.processes if p.pid == pid]
@@ -129,7 +129,7 @@ async def test_half_gpu_replicas_share_the_gpu_and_each_is_attributed(
         machine = await conn.get_machine_resources()
         (gpu,) = machine["gpus"]
         assert (gpu["owners"], gpu["fraction_used"]) == (["Half/1", "Half/2"], 1.0)
-        backend = conn._resource_manager.gpu_backend
+        backend = conn.gpu_backend
         await wait_until_async(
             lambda: _holds(backend, set(replica_pids.values()), 256 << 20), timeout=30
         )

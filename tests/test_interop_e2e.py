@@ -29,7 +29,7 @@ from connector.graph import (
     SubComponentType,
 )
 from connector.local import ConnectorOptions, LocalConnector
-from connector.usage import exporter_sources
+from exporter.embedded import exporter_sources
 from exporter.exposition import Format
 from exporter.service import Exporter, build_exporter
 from tests.core_helpers import kinds, wait_until
@@ -275,8 +275,8 @@ async def test_impossible_decision_is_applied_in_part_recorded_and_acknowledged(
     await planner.start()
     async with LocalConnector("e2e", graph, tmp_path, options) as conn:
         # The capture's GPU is held by a foreign process: let ours pass the threshold.
-        assert conn._resource_manager is not None
-        conn._resource_manager.foreign_threshold = 1 << 40
+        assert conn.resource_manager is not None
+        conn.resource_manager.foreign_threshold = 1 << 40
         await planner.decide(1, prefill=1, decode=2)
         deadline = time.monotonic() + 60
         while True:

@@ -465,7 +465,7 @@ async def test_a_cuda_replica_is_attributed_by_pid_and_released_only_after_exit(
         )
     )
     async with running(graph, tmp_path / "wd", gpu_backend="nvml") as conn:
-        manager: Any = conn._resource_manager
+        manager: Any = conn.resource_manager
         uuid = manager.inventory.gpus[0].uuid
         assert await conn.scale_component("Cuda", 1, timeout_s=60) is True
         pid = pids(conn, "Cuda")["Cuda/1"]

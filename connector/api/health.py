@@ -26,14 +26,10 @@ class Check:
 
 
 async def supervisor_check(connector: LocalConnector, timeout_s: float) -> Check:
-    """circusd answers ``list`` on the connector's own serialized channel."""
-    # The same serialized channel the reconcile loop uses, so "ready" means our commands
-    # get through, not merely that some socket answers. (LocalConnector keeps it private.)
-    channel = getattr(connector, "_channel", None)
-    if channel is None:
-        return Check(False, "the connector has no supervisor channel (not initialized)")
+    """circusd answers ``list`` on the connector's own serialized channel, so "ready" means
+    our commands get through, not merely that some socket answers."""
     try:
-        reply = await asyncio.wait_for(channel.call("list", timeout_s=timeout_s), timeout_s + 0.5)
+        reply = await asyncio.wait_for(connector.ping_supervisor(timeout_s), timeout_s + 0.5)
     except ConnectorError as exc:
         return Check(False, exc.message)
     except TimeoutError:
@@ -42,7 +38,7 @@ async def supervisor_check(connector: LocalConnector, timeout_s: float) -> Check
         return Check(False, f"circusd 'list' failed: {exc}")
     watchers = reply.get("watchers", [])
     count = len(watchers) if isinstance(watchers, list) else 0
-    return Check(True, f"circusd answered at {channel.endpoint} ({count} watchers)")
+    return Check(True, f"circusd answered at {reply['endpoint']} ({count} watchers)")
 
 
 async def discovery_check(connector: LocalConnector, timeout_s: float) -> Check | None:
@@ -50,9 +46,7 @@ async def discovery_check(connector: LocalConnector, timeout_s: float) -> Check 
     options = connector.options
     if options.discovery == "none":
         return None
-    from connector.interop import interop_of
-
-    interop = interop_of(connector)
+    interop = connector.interop
     discovery = interop.discovery if interop is not None else None
     if options.discovery == "etcd":
         where = options.etcd_url
