@@ -28,6 +28,7 @@ lint:
 	$(VENV)/bin/ruff check connector exporter tests bench
 	$(VENV)/bin/ruff format --check connector exporter tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 pytest:
 	scripts/run-pytest.sh

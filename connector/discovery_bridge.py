@@ -194,7 +194,7 @@ class DiscoveryBridge:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False, self._not_registered_reason(target, svc, readiness)
-            if not target.alive():
+            if not await asyncio.to_thread(target.alive):
                 return False, "process exited during start-up"
             # Woken by the watch; the slice only bounds how late a death is noticed.
             inst = await self.discovery.wait_for(candidate, min(remaining, 1.0))

@@ -116,3 +116,14 @@ def discovery_component(svc: Service) -> str:
     if svc.role is Role.WORKER:
         return "prefill" if svc.sub_component_type is SubComponentType.PREFILL else "backend"
     return svc.name.lower()
+
+
+def service_env(svc: Service, graph_namespace: str) -> dict[str, str]:
+    """What every replica of ``svc`` gets as a Dynamo process: loopback for all it binds
+    and advertises, its namespace, and the component dynamo-local's mock worker registers
+    as (Dynamo's own processes choose theirs; that one is learnt from discovery)."""
+    return {
+        **LOOPBACK_ENV,
+        "DYN_NAMESPACE": svc.dynamo_namespace or graph_namespace,
+        "DYN_COMPONENT": discovery_component(svc),
+    }

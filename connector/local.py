@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from connector import defaults, procs
+from connector import defaults, dynamo_defaults, procs
 from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
@@ -86,7 +86,7 @@ class LocalConnector(PlannerConnectorMixin):
         self.state = ConnectorState(namespace=namespace, graph_source=graph.source)
         self.resources: ResourceBroker | None = None
         self.reconciler: Reconciler | None = None
-        self.hooks = Hooks()
+        self.hooks = Hooks(service_env=dynamo_defaults.service_env)
         self._circusd: CircusdInfo | None = None
         self._channel: CircusChannel | None = None
         self._circus_events: CircusEvents | None = None

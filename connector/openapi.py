@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from connector.api.routes import COMMON_ERRORS, ROUTES, Body, Param, Route
+from connector.api.routes import COMMON_ERRORS, ROUTES
 from connector.api.schemas import NAMED, ref
+from connector.api.spec import Body, Param, Route
 
 ERROR_DESCRIPTIONS = {
     400: "malformed body or parameter",

@@ -81,7 +81,8 @@ async def wait_ready(
         wait = target.spawned_at + readiness.startup_grace_s - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        return (True, "") if target.alive() else (False, "process exited during start-up")
+        alive = await asyncio.to_thread(target.alive)
+        return (True, "") if alive else (False, "process exited during start-up")
     if kind is ReadinessKind.DISCOVERY:
         if discovery_probe is None:
             return False, "discovery readiness needs a discovery backend"
@@ -92,7 +93,7 @@ async def wait_ready(
     )
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            if not target.alive():
+            if not await asyncio.to_thread(target.alive):
                 return False, "process exited during start-up"
             if kind is ReadinessKind.HTTP:
                 if await _http_ok(url, session):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from connector import procs, templates
-from connector.dynamo_defaults import LOOPBACK_ENV, discovery_component
 from connector.errors import (
     ComponentNotFound,
     ConnectorError,
@@ -119,6 +118,11 @@ class Hooks:
     after_exit: ReplicaHook | None = None
     # Extra env for every replica (discovery backend, NATS, ...).
     replica_env: Callable[[], dict[str, str]] = field(default_factory=lambda: dict)
+    # Env a service's replicas get for what they are (Dynamo's namespace, component,
+    # loopback hosts: connector.dynamo_defaults.service_env); the graph's envs win over it.
+    service_env: Callable[[Service, str], dict[str, str]] = field(
+        default_factory=lambda: lambda svc, namespace: {}
+    )
 
 
 @dataclass
@@ -234,7 +238,7 @@ class Reconciler:
         await self._notify()
 
     async def _observe(self) -> None:
-        if self._circusd_alive is not None and not self._circusd_alive():
+        if self._circusd_alive is not None and not await asyncio.to_thread(self._circusd_alive):
             await self._supervisor_lost()
             return
         if self.resources.samples_gpus:
@@ -395,12 +399,9 @@ class Reconciler:
     ) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.hooks.replica_env())
-        env.update(LOOPBACK_ENV)
+        env.update(self.hooks.service_env(svc, self.graph.namespace))
         env.update(
             {
-                "DYN_NAMESPACE": svc.dynamo_namespace or self.graph.namespace,
-                # Read by dynamo-local's mock worker, which registers like Dynamo's own.
-                "DYN_COMPONENT": discovery_component(svc),
                 "DYNAMO_LOCAL_NAMESPACE": self.namespace,
                 "DYNAMO_LOCAL_COMPONENT": svc.name,
                 "DYNAMO_LOCAL_REPLICA": rec.replica_id,
@@ -523,7 +524,7 @@ class Reconciler:
                 await self._after_exit(rec, None, f"{name} failed: {exc}")
                 return
         rec.pid = pid
-        rec.create_time = procs.create_time_of(pid)
+        rec.create_time = await asyncio.to_thread(procs.create_time_of, pid)
         rec.spawned_at = time.time()
         rec.phase = "starting"
         rec.restart_at = None
@@ -539,7 +540,7 @@ class Reconciler:
             trace_id=op.trace_id if op else None,
         )
         watching = self._exit_watcher.watch(pid, self._exit_callback(rec.watcher))
-        if not watching and not procs.same_process(pid, rec.create_time):
+        if not watching and not await asyncio.to_thread(procs.same_process, pid, rec.create_time):
             self._on_pid_exit(rec.watcher, pid)
         await self.save()
         await self._notify()
@@ -549,7 +550,8 @@ class Reconciler:
                 target, svc.readiness, discovery_probe=self.hooks.discovery_probe
             )
             span.set_attribute("dynamo_local.ready", ready)
-        if rec.pid != pid or rec.phase != "starting" or (not ready and not target.alive()):
+        gone = not ready and not await asyncio.to_thread(target.alive)
+        if rec.pid != pid or rec.phase != "starting" or gone:
             return  # exited or being stopped meanwhile; those paths own the record now
         if ready:
             rec.phase = "ready"
@@ -842,7 +844,8 @@ class Reconciler:
                 continue
             if rec.reservation is not None:
                 self.resources.adopt_dict(rec.reservation)
-            if rec.pid in pids and procs.same_process(rec.pid, rec.create_time):
+            alive = await asyncio.to_thread(procs.same_process, rec.pid, rec.create_time)
+            if rec.pid in pids and alive:
                 report["adopted"].append(rec.replica_id)
                 pid = rec.pid
                 assert pid is not None

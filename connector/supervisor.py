@@ -261,7 +261,8 @@ class _EarlyExit(Exception):
 
 async def _start_circusd_once(run_dir: Path, check_delay: float) -> CircusdInfo:
     proc, endpoint, pubsub = await asyncio.to_thread(_spawn_circusd, run_dir, check_delay)
-    info = CircusdInfo(endpoint, pubsub, proc.pid, psutil.Process(proc.pid).create_time())
+    created = await asyncio.to_thread(lambda: psutil.Process(proc.pid).create_time())
+    info = CircusdInfo(endpoint, pubsub, proc.pid, created)
     channel = CircusChannel(endpoint, timeout_s=0.5, busy_retry_s=0)
     try:
         deadline = time.monotonic() + 15
@@ -299,7 +300,7 @@ async def stop_circusd(
     if channel is not None:
         with contextlib.suppress(Exception):
             await channel.call("quit", timeout_s=2.0, waiting=True)
-    if info.pid is None or not info.process_alive():
+    if info.pid is None or not await asyncio.to_thread(info.process_alive):
         return
     await asyncio.to_thread(_terminate, info.pid, timeout_s)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from connector.api.routes import Route
+    from connector.api.spec import Route
     from connector.local import LocalConnector
 
 

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from connector.api.context import BODY, QUERY, ApiContext, context
 from connector.api.errors import BadRequest, RequestTimeout, Unauthorized, UnsupportedMediaType
-from connector.api.routes import Route
 from connector.api.schemas import resolve
+from connector.api.spec import Route
 from connector.api.validation import parse_json_body, parse_query_value, validate
 from connector.errors import ConnectorError
 
