@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from connector import vocabulary
+from connector.vocabulary import ComponentStatus, EventKind, Outcome, Source
+
 PREFIX = "dynamo_local_"
 
 
@@ -59,30 +62,13 @@ GPU = "gpu"
 
 # Small fixed enums: every value a label may take. Values outside an enum are folded into
 # ``other`` so that nothing a caller sends can grow the number of series without bound.
-COMPONENT_STATES = ("starting", "running", "degraded", "crashloop", "stopped")
-REPLICA_STATES = ("spawning", "starting", "ready", "stopping", "backoff", "exited", "crashloop")
+# From the connector's vocabulary, so a word it speaks is never filed under "other".
+COMPONENT_STATES = vocabulary.values(ComponentStatus)
+REPLICA_STATES = vocabulary.REPLICA_STATES
 SCALE_DIRECTIONS = ("up", "down", "none")
-SCALE_SOURCES = ("api", "planner", "cli", "reconcile", "user", "other")
-SCALE_OUTCOMES = ("ok", "partial", "failed", "timeout", "refused", "superseded", "other")
-EVENT_KINDS = (
-    "scale",
-    "spawn",
-    "ready",
-    "stop",
-    "exit",
-    "restart",
-    "crashloop",
-    "reap",
-    "drain",
-    "discovery",
-    "adopt",
-    "supervisor",
-    "decision",
-    "allocate",
-    "release",
-    "leak",
-    "other",
-)
+SCALE_SOURCES = (*vocabulary.values(Source), "other")
+SCALE_OUTCOMES = (*vocabulary.values(Outcome), "other")
+EVENT_KINDS = (*vocabulary.values(EventKind), "other")
 HEALTH_SOURCES = ("processes", "nvml", "discovery", "prefill_queue", "resources", "planner")
 GPU_ALLOCATION_STATES = ("free", "allocated", "leaked")
 # NVML clock-event ("throttle") reasons, decoded from the bit mask.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from connector.vocabulary import REPLICA_STATES, ComponentStatus, values
+
 Schema = dict[str, Any]
 
 # Upper bounds that keep one request from asking for something absurd.
@@ -18,8 +20,8 @@ MAX_WAIT_S = 3600.0
 MAX_LOG_LINES = 10_000
 MAX_EVENTS = 2000
 
-STATES = ["spawning", "starting", "ready", "stopping", "backoff", "exited", "crashloop"]
-COMPONENT_STATUSES = ["starting", "running", "degraded", "crashloop", "stopped"]
+STATES = list(REPLICA_STATES)
+COMPONENT_STATUSES = list(values(ComponentStatus))
 
 
 def ref(name: str) -> Schema:
