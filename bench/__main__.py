@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("core_bench", "scale_bench", "discovery_bench", "exporter_bench", "api_bench")
+BENCHMARKS = (
+    "core_bench",
+    "scale_bench",
+    "discovery_bench",
+    "exporter_bench",
+    "api_bench",
+    "dynamo_bench",
+)
 
 
 def main() -> int:
