@@ -309,12 +309,19 @@ class LocalConnector(PlannerConnectorMixin):
     async def _teardown(self, detach: bool) -> None:
         rec = self.reconciler
         if rec is not None:
-            await rec.stop_loop()
-            if not detach:
-                await rec.stop_all("connector shutdown")
+            try:
+                await rec.stop_loop()
+                if not detach:
+                    await rec.stop_all("connector shutdown")
+            except Exception:
+                # Whatever failed, circusd is still stopped below: its replicas die with
+                # it (parent-death signal), so a failed stop never leaks processes.
+                log.exception("stopping the replicas failed; stopping circusd takes them down")
         for ext in reversed(self._extensions):
-            with contextlib.suppress(Exception):
+            try:
                 await ext.close()
+            except Exception:
+                log.exception("closing %s failed", type(ext).__name__)
         self._extensions = []
         if self._circus_events is not None:
             await self._circus_events.stop()
