@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from connector import procs, templates
+from connector import procs, restart_policy, templates
 from connector.errors import (
     ComponentNotFound,
     ConnectorError,
@@ -34,7 +34,7 @@ from connector.errors import (
     SupervisorUnavailable,
 )
 from connector.events import EventLog
-from connector.graph import Graph, PortSpec, ResourceRequest, RestartMode, Service, SocketSpec
+from connector.graph import Graph, PortSpec, ResourceRequest, Service, SocketSpec
 from connector.launcher import launcher_prefix
 from connector.logs import (
     LogPolicy,
@@ -658,16 +658,16 @@ class Reconciler:
         old_pid = rec.pid
         rec.pid = None
         rec.ready_at = None
-        if ran >= policy.stable_after_s:
-            rec.consecutive_failures = 0
-        restartable = policy.mode is RestartMode.ALWAYS or (
-            policy.mode is RestartMode.ON_FAILURE and code != 0
+        decision = restart_policy.decide(
+            policy,
+            exit_code=code,
+            ran_s=ran,
+            now=now,
+            failures=comp.failures,
+            consecutive_failures=rec.consecutive_failures,
         )
-        # Any exit nobody asked for is a failure for the budget: a process that exits 0 at
-        # once under "always" is crash-looping as much as one that exits 1.
-        if restartable:
-            comp.failures = [t for t in comp.failures if now - t < policy.crashloop_window_s]
-            comp.failures.append(now)
+        comp.failures = list(decision.failures)
+        rec.consecutive_failures = decision.consecutive_failures
         self.events.emit(
             "exit",
             component=rec.component,
@@ -675,14 +675,12 @@ class Reconciler:
             reason=reason,
             details={"pid": old_pid, "exit_code": code, "ran_s": round(ran, 3)},
         )
-        if restartable and len(comp.failures) >= policy.crashloop_failures:
+        if decision.action is restart_policy.ExitAction.CRASHLOOP:
             await self._enter_crashloop(rec, comp, svc, reason)
-        elif restartable:
-            delay = min(policy.backoff_base_s * 2**rec.consecutive_failures, policy.backoff_max_s)
-            rec.consecutive_failures += 1
+        elif decision.action is restart_policy.ExitAction.RESTART:
             rec.phase = "backoff"
-            rec.restart_at = now + delay
-            self._schedule_wake(delay)
+            rec.restart_at = now + decision.delay_s
+            self._schedule_wake(decision.delay_s)
         else:
             rec.phase = "exited"
         await self.save()
