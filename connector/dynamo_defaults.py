@@ -25,6 +25,7 @@ LOOPBACK_ENV: Mapping[str, str] = {
     "DYN_EVENT_PLANE_HOST": "127.0.0.1",
     "DYN_SYSTEM_HOST": "127.0.0.1",
     "DYN_HTTP_HOST": "127.0.0.1",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
 }
 
 
@@ -37,13 +38,18 @@ LOOPBACK_ENV: Mapping[str, str] = {
 #           (default 20380: two workers on one host collide there; the mocker sends them
 #           over the event plane instead and ignores it).
 #   http:   the frontend's OpenAI API and its /metrics.
+#   nixl:   vLLM's NIXL side channel for KV transfer between prefill and decode (vLLM's
+#           default 5600 would be shared by every worker on the host). KV-event publishers
+#           take their endpoint from the worker's own --kv-events-config: write a port
+#           there as a {port.NAME} of local.ports.
 _SYSTEM = PortSpec("system", "DYN_SYSTEM_PORT")
 _RPC = PortSpec("rpc", "DYN_TCP_RPC_PORT")
 _FPM = PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT")
 _HTTP = PortSpec("http", "DYN_HTTP_PORT")
+_NIXL = PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT")
 
 ROLE_PORTS: Mapping[Role, tuple[PortSpec, ...]] = {
-    Role.WORKER: (_SYSTEM, _RPC, _FPM),
+    Role.WORKER: (_SYSTEM, _RPC, _FPM, _NIXL),
     Role.ROUTER: (_SYSTEM, _RPC),
     Role.FRONTEND: (_HTTP,),
     Role.PLANNER: (_SYSTEM, _RPC),  # the Planner registers {ns}/Planner/generate

@@ -196,10 +196,10 @@ async def test_up_hands_out_ports_from_the_range_it_is_given(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     # Below Dynamo's 32767 limit, and away from the default range other tests use.
-    # Ten ports: the frontend's default `http`, and each of three workers' `system` (declared)
-    # plus its default `rpc` and `fpm` (connector.dynamo_defaults).
-    first = next(p for p in range(30000, 32760, 11) if all(bindable(p + i) for i in range(10)))
-    last = first + 9
+    # Thirteen ports: the frontend's default `http`, and each of three workers' `system`
+    # (declared) plus its default `rpc`, `fpm` and `nixl` (connector.dynamo_defaults).
+    first = next(p for p in range(30000, 32760, 13) if all(bindable(p + i) for i in range(13)))
+    last = first + 12
     up = await start_up(tmp_path, "--port-range", f"{first}-{last}", "--release-timeout", "5")
     try:
         scaled = await cli("scale", "Work", "3", "--wait", "--url", up.url)
@@ -210,9 +210,9 @@ async def test_up_hands_out_ports_from_the_range_it_is_given(
         held = body["ports"]
         assert {r: sorted(p) for r, p in held.items()} == {
             "Front/1": ["http"],
-            "Work/1": ["fpm", "rpc", "system"],
-            "Work/2": ["fpm", "rpc", "system"],
-            "Work/3": ["fpm", "rpc", "system"],
+            "Work/1": ["fpm", "nixl", "rpc", "system"],
+            "Work/2": ["fpm", "nixl", "rpc", "system"],
+            "Work/3": ["fpm", "nixl", "rpc", "system"],
         }
         numbers = sorted(n for ports in held.values() for n in ports.values())
         assert numbers == list(range(first, last + 1))

@@ -83,6 +83,7 @@ def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
                 # A worker's default ports beside the declared one (connector.dynamo_defaults).
                 PortSpec("rpc", "DYN_TCP_RPC_PORT"),
                 PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+                PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
             ),
             sockets=(SocketSpec("kv"),),
         )
@@ -181,7 +182,7 @@ def test_namespace_argument_and_default() -> None:
         (
             {"args": ["{port.http}"]},
             "graph 'g': spec.services.W.extraPodSpec.mainContainer.args[0]: {port.http} names "
-            "no port (its ports: system, rpc, fpm)",
+            "no port (its ports: system, rpc, fpm, nixl)",
         ),
         (
             {"depends": ["Missing"]},
@@ -191,7 +192,7 @@ def test_namespace_argument_and_default() -> None:
         (
             {"readiness": {"tcp": "grpc"}, "ports": ["system"]},
             "graph 'g': spec.services.W.local.readiness.tcp: names no port 'grpc' "
-            "(its ports: system, rpc, fpm)",
+            "(its ports: system, rpc, fpm, nixl)",
         ),
         (
             {"restart": "sometimes"},

@@ -150,6 +150,7 @@ def test_full_sample_loads_to_exact_objects() -> None:
                 PortSpec("system", "DYN_SYSTEM_PORT"),
                 PortSpec("rpc"),
                 PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+                PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
             ),
             sockets=(SocketSpec("kv", "KV_SOCKET"),),
         ),
@@ -169,6 +170,7 @@ def test_full_sample_loads_to_exact_objects() -> None:
                 PortSpec("rpc"),
                 PortSpec("system", "DYN_SYSTEM_PORT"),
                 PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+                PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
             ),
         ),
         "Planner": Service(
@@ -198,6 +200,7 @@ def test_minimal_sample_takes_every_default() -> None:
                     PortSpec("system", "DYN_SYSTEM_PORT"),
                     PortSpec("rpc", "DYN_TCP_RPC_PORT"),
                     PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+                    PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
                 ),
             )
         },
@@ -219,8 +222,14 @@ def test_demo_example_runs_mock_workers_in_namespace_demo() -> None:
     # Beside the declared ports, each role's defaults (connector.dynamo_defaults).
     extra = {
         "Frontend": (PortSpec("http", "DYN_HTTP_PORT"),),
-        "Prefill": (PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),),
-        "Decode": (PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),),
+        "Prefill": (
+            PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+            PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
+        ),
+        "Decode": (
+            PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
+            PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),
+        ),
     }
     small = ResourceRequest(gpu=0.0, cpu=0.1, memory_bytes=64 << 20)
     for n, s in graph.services.items():
@@ -407,7 +416,7 @@ INVALID: list[tuple[str, object, str]] = [
         f"{D}.extraPodSpec.mainContainer.args",
         ["--port", "{port.http}"],
         "graph.yaml: spec.services.Decode.extraPodSpec.mainContainer.args[1]: {port.http} names "
-        "no port (its ports: system, rpc, fpm)",
+        "no port (its ports: system, rpc, fpm, nixl)",
     ),
     (
         f"{D}.extraPodSpec.mainContainer.args",
@@ -425,7 +434,7 @@ INVALID: list[tuple[str, object, str]] = [
         f"{D}.envs",
         [{"name": "URL", "value": "http://h:{port.metrics}"}],
         "graph.yaml: spec.services.Decode.envs[0].value: {port.metrics} names no port "
-        "(its ports: system, rpc, fpm)",
+        "(its ports: system, rpc, fpm, nixl)",
     ),
     (
         "spec.envs",
@@ -470,13 +479,13 @@ INVALID: list[tuple[str, object, str]] = [
         f"{D}.local.readiness",
         {"http": "http://127.0.0.1:{port.web}/"},
         "graph.yaml: spec.services.Decode.local.readiness.http: {port.web} names no port "
-        "(its ports: system, rpc, fpm)",
+        "(its ports: system, rpc, fpm, nixl)",
     ),
     (
         f"{D}.local.readiness",
         {"tcp": "grpc"},
         "graph.yaml: spec.services.Decode.local.readiness.tcp: names no port 'grpc' "
-        "(its ports: system, rpc, fpm)",
+        "(its ports: system, rpc, fpm, nixl)",
     ),
     (
         f"{D}.local.readiness",

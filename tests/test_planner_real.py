@@ -555,9 +555,9 @@ async def test_eight_decode_mockers_run_side_by_side(
     assert len({r.pid for r in replicas}) == 8
     # Every replica has its own system, request-plane and forward-pass-metrics ports, and
     # no two replicas share one.
-    assert all(set(r.ports) == {"system", "rpc", "fpm"} for r in replicas)
+    assert all(set(r.ports) == {"system", "rpc", "fpm", "nixl"} for r in replicas)
     ports = [p for r in replicas for p in r.ports.values()]
-    assert len(set(ports)) == len(ports) == 24
+    assert len(set(ports)) == len(ports) == 32
     # Each is registered once, advertising its own request-plane port.
     assert sorted(i.port for i in listed) == sorted(r.ports["rpc"] for r in replicas)
     assert {i.host for i in listed} == {"127.0.0.1"}

@@ -193,8 +193,12 @@ async def test_the_namespace_given_to_create_is_where_every_replica_registers(
         assert env["DYN_NAMESPACE"] == "elsewhere"
         assert (env["DYN_TCP_RPC_HOST"], env["DYN_SYSTEM_HOST"]) == ("127.0.0.1", "127.0.0.1")
         # A worker's default ports, one of its own each (connector.dynamo_defaults).
-        ports = {
-            k: int(env[k])
-            for k in ("DYN_SYSTEM_PORT", "DYN_TCP_RPC_PORT", "DYN_FORWARDPASS_METRIC_PORT")
-        }
-        assert len(set(ports.values())) == 3
+        names = (
+            "DYN_SYSTEM_PORT",
+            "DYN_TCP_RPC_PORT",
+            "DYN_FORWARDPASS_METRIC_PORT",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT",
+        )
+        ports = {k: int(env[k]) for k in names}
+        assert len(set(ports.values())) == 4
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
