@@ -21,12 +21,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from connector.graph_loader import load_graph
 from connector.interop import system_topology
 from connector.local import ConnectorOptions, LocalConnector
+from connector.server import create_app, start_server
 from tests.dynamo_helpers import TINY_MODEL_NAME, instances, require_dynamo
-from tests.servers import EtcdServer
+from tests.servers import EtcdServer, PrometheusFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
@@ -208,3 +210,47 @@ async def test_scaling_down_under_load_fails_no_request(
     (drain,) = [e for e in conn.events.since(0) if e.kind == "drain"]
     assert drain.outcome == "ok"
     assert drain.details["inflight"] == 0.0
+
+
+async def test_a_real_prometheus_scrapes_the_real_frontend_through_the_sd_targets(
+    plain: LocalConnector, etcd_server: EtcdServer, prometheus_server: PrometheusFactory
+) -> None:
+    """The 1.6.1 frontend labels its series with no ``dynamo_namespace``; the SD targets add
+    it, so the SLA Planner's kind of query (filtered on the namespace) returns data."""
+    conn = plain
+    assert await conn.scale_component("Frontend", 1, timeout_s=90) is True
+    assert await conn.scale_component("Worker", 1, timeout_s=90) is True
+    server = await start_server(create_app(conn), "127.0.0.1", 0)
+    try:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "dynamo",
+                    "http_sd_configs": [
+                        {"url": f"{server.url}/v1/prometheus/targets", "refresh_interval": "1s"}
+                    ],
+                }
+            ],
+        }
+        prom = prometheus_server([], config_text=yaml.safe_dump(config))
+        port = _port(conn, "Frontend/1", "http")
+        async with aiohttp.ClientSession() as http:
+            await _until_the_model_is_listed(http, port)
+            for _ in range(3):
+                status, _ = await _chat(http, port)
+                assert status == 200
+        query = f'sum(dynamo_frontend_requests_total{{dynamo_namespace="{NS}"}})'
+        deadline = time.monotonic() + 60
+        while not (result := await prom.query(query)):
+            assert time.monotonic() < deadline, f"no data for {query}"
+            await asyncio.sleep(1.0)
+        assert float(result[0]["value"][1]) >= 3
+        targets = await prom.targets()
+        frontend = [t for t in targets if t["labels"].get("role") == "frontend"]
+        assert [(t["health"], t["labels"]["dynamo_component"]) for t in frontend] == [
+            ("up", "Frontend")
+        ]
+        assert frontend[0]["labels"]["dynamo_namespace"] == NS
+    finally:
+        await server.stop()
