@@ -3,6 +3,13 @@
 The test acts as the Planner in "virtual" mode, writing exactly the keys it writes, and
 checks that the graph's prefill and decode components are scaled and the decision
 acknowledged; a SIGKILLed replica's discovery entry is gone well within the lease TTL.
+
+Why dynamo-local's mock worker and not Dynamo's mocker here: these tests drive the
+Planner's key protocol through many decisions, up to four prefill and four decode replicas
+each, and one asks for more than fits; real mockers (about 100 MB and 0.6 s each) would
+cost more than two cores give a unit of the suite. The same paths with the real frontend,
+mocker and Planner, from a graph with no ``local:`` block, are in ``test_dynamo_e2e.py``
+and ``test_planner_real.py``; one test here also registers through the real runtime.
 """
 
 from __future__ import annotations

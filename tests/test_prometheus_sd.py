@@ -275,6 +275,10 @@ async def test_without_an_exporter_the_connector_lists_only_replicas(tmp_path: P
 
 # --------------------------------------------------------------------------- real Prometheus
 
+# dynamo-local's mock worker, not Dynamo's own processes: this test needs every role's
+# /metrics where Dynamo serves it (frontend, workers, Planner) and nothing else, started in
+# a fraction of a second. The real frontend scraped through the same endpoint is in
+# test_dynamo_e2e.py.
 MOCK = (sys.executable, "-m", "connector.mockworker", "--discovery", "none")
 
 

@@ -49,6 +49,9 @@ from tests.nvml_fakes import H100_CAPTURED_PID_MEMORY, H100_UUID, capture_path, 
 
 pytestmark = pytest.mark.integration
 
+# dynamo-local's mock worker, not Dynamo's mocker: these tests need a process that binds
+# exactly the ports and sockets it is handed and proves it (readiness), many replicas per
+# test, and no Dynamo behaviour at all.
 MOCK_WORKER = (sys.executable, "-m", "connector.mockworker", "--discovery", "none")
 # The mock worker serves /health on DYN_SYSTEM_PORT and listens on DYN_TCP_RPC_PORT: its
 # readiness proves it bound the port it was given.
