@@ -1,6 +1,6 @@
 """Wires Dynamo interop (discovery, Planner executor, prefill queue) into a connector.
 
-Configuration comes from :class:`connector.local.ConnectorOptions`: ``discovery``
+Configuration comes from :class:`connector.options.ConnectorOptions`: ``discovery``
 (``file`` | ``etcd`` | ``none``), ``file_kv`` (default ``<working_dir>/discovery``),
 ``etcd_url``, ``nats_url``, ``planner_executor``, and in ``extra``:
 ``prefill_queue_stream`` (default ``{graph namespace}_prefill_queue``),
@@ -27,6 +27,7 @@ from connector.graph import Graph, SubComponentType
 from connector.options import ConnectorOptions
 from connector.planner import (
     DecisionOutcome,
+    Scaler,
     VirtualConnectorExecutor,
     apply_decision,
     resolve_component,
@@ -38,9 +39,10 @@ from connector.topology import build_topology, observe_links
 from connector.view import ConnectorView
 
 
-class InteropHost(Protocol):
-    """What interop needs of the connector it serves (InteropHost is one): typed here,
-    so that this module does not import the connector that starts it."""
+class InteropHost(Scaler, Protocol):
+    """What interop needs of the connector it serves (LocalConnector is one): typed here,
+    so that this module does not import the connector that starts it. It scales as the
+    Planner's decisions need (:class:`connector.planner.Scaler`)."""
 
     graph: Graph
     state: ConnectorState
@@ -55,16 +57,6 @@ class InteropHost(Protocol):
     def replica_pids(self, name: str) -> dict[str, set[int]]: ...
 
     async def wait_started(self) -> bool: ...
-
-    async def scale_component(
-        self,
-        name: str,
-        replicas: int,
-        blocking: bool = True,
-        timeout_s: float | None = None,
-        source: str = "api",
-        decision_id: int | None = None,
-    ) -> bool: ...
 
     async def get_prefill_queue_metrics(self) -> dict[str, Any]: ...
 

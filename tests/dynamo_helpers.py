@@ -32,6 +32,7 @@ are all stopped after the test).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import importlib.util
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 
@@ -465,6 +467,42 @@ class DynamoLauncher:
             process.stop()
 
 
+# --------------------------------------------------------------------------- clients
+
+
+async def chat(
+    http: aiohttp.ClientSession, port: int, prompt: str = "hello", tokens: int = 8
+) -> tuple[int, str]:
+    """One chat completion from the frontend on ``port``: (status, the answer's text, or
+    the error body). A dropped connection is a failure too: status 0 and what happened."""
+    body = {
+        "model": TINY_MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+    }
+    try:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                return resp.status, text
+            return resp.status, json.loads(text)["choices"][0]["message"]["content"]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+async def until_the_model_is_listed(http: aiohttp.ClientSession, port: int) -> None:
+    """The frontend answers /v1/models (its readiness) before it has read the workers'
+    model card from discovery; a client waits for the model, as a user's first curl would."""
+    deadline = time.monotonic() + 30
+    while True:
+        async with http.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+            models = [m["id"] for m in (await resp.json()).get("data", [])]
+        if TINY_MODEL_NAME in models:
+            return
+        assert time.monotonic() < deadline, f"the frontend lists {models}"
+        await asyncio.sleep(0.05)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -493,10 +531,12 @@ __all__ = [
     "Frontend",
     "Instance",
     "Worker",
+    "chat",
     "dynamo_env",
     "dynamo_missing",
     "etcd_prefix",
     "instances",
     "listening",
     "require_dynamo",
+    "until_the_model_is_listed",
 ]

@@ -11,7 +11,6 @@ instance leaves etcd at once and the worker is replaced; a scale-down drains a w
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -27,7 +26,13 @@ from connector.graph_loader import load_graph
 from connector.interop import system_topology
 from connector.local import ConnectorOptions, LocalConnector
 from connector.server import create_app, start_server
-from tests.dynamo_helpers import TINY_MODEL_NAME, instances, require_dynamo
+from tests.dynamo_helpers import (
+    TINY_MODEL_NAME,
+    chat,
+    instances,
+    require_dynamo,
+    until_the_model_is_listed,
+)
 from tests.servers import EtcdServer, PrometheusFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -96,32 +101,6 @@ def _worker_instances(etcd_url: str) -> dict[str, Any]:
     return {i.key: i for i in instances(etcd_url, NS, "backend")}
 
 
-async def _until_the_model_is_listed(http: aiohttp.ClientSession, port: int) -> None:
-    """The frontend answers /v1/models (its readiness) before it has read the worker's
-    model card from discovery; a client waits for the model, as a user's first curl would."""
-    deadline = time.monotonic() + 30
-    while True:
-        async with http.get(f"http://127.0.0.1:{port}/v1/models") as resp:
-            models = [m["id"] for m in (await resp.json()).get("data", [])]
-        if TINY_MODEL_NAME in models:
-            return
-        assert time.monotonic() < deadline, f"the frontend lists {models}"
-        await asyncio.sleep(0.05)
-
-
-async def _chat(http: aiohttp.ClientSession, port: int, tokens: int = 8) -> tuple[int, str]:
-    body = {
-        "model": TINY_MODEL_NAME,
-        "messages": [{"role": "user", "content": "hello"}],
-        "max_tokens": tokens,
-    }
-    async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
-        text = await resp.text()
-        if resp.status != 200:
-            return resp.status, text
-        return resp.status, json.loads(text)["choices"][0]["message"]["content"]
-
-
 async def test_a_plain_graph_is_ready_once_registered_and_serves(
     plain: LocalConnector, etcd_server: EtcdServer
 ) -> None:
@@ -140,8 +119,8 @@ async def test_a_plain_graph_is_ready_once_registered_and_serves(
     assert {i["replica"] for i in worker["instances"]} == {"Worker/1"}
     assert topo["external"] == []
     async with aiohttp.ClientSession() as http:
-        await _until_the_model_is_listed(http, _port(conn, "Frontend/1", "http"))
-        status, content = await _chat(http, _port(conn, "Frontend/1", "http"))
+        await until_the_model_is_listed(http, _port(conn, "Frontend/1", "http"))
+        status, content = await chat(http, _port(conn, "Frontend/1", "http"))
     assert status == 200, content
     assert content.strip()
 
@@ -193,10 +172,10 @@ async def test_scaling_down_under_load_fails_no_request(
 
     async def client(http: aiohttp.ClientSession) -> None:
         while not stop.is_set():
-            results.append(await _chat(http, port, tokens=64))
+            results.append(await chat(http, port, tokens=64))
 
     async with aiohttp.ClientSession() as http:
-        await _until_the_model_is_listed(http, port)
+        await until_the_model_is_listed(http, port)
         clients = [asyncio.create_task(client(http)) for _ in range(4)]
         await asyncio.sleep(2.0)  # requests in flight on both workers
         assert await conn.scale_component("Worker", 1, timeout_s=90) is True
@@ -236,9 +215,9 @@ async def test_a_real_prometheus_scrapes_the_real_frontend_through_the_sd_target
         prom = prometheus_server([], config_text=yaml.safe_dump(config))
         port = _port(conn, "Frontend/1", "http")
         async with aiohttp.ClientSession() as http:
-            await _until_the_model_is_listed(http, port)
+            await until_the_model_is_listed(http, port)
             for _ in range(3):
-                status, _ = await _chat(http, port)
+                status, _ = await chat(http, port)
                 assert status == 200
         query = f'sum(dynamo_frontend_requests_total{{dynamo_namespace="{NS}"}})'
         deadline = time.monotonic() + 60

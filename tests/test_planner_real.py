@@ -41,7 +41,13 @@ from connector import defaults
 from connector.discovery_etcd import etcd_endpoint
 from connector.graph_loader import load_graph
 from connector.local import ConnectorOptions, LocalConnector
-from tests.dynamo_helpers import TINY_MODEL_NAME, instances, require_dynamo
+from tests.dynamo_helpers import (
+    TINY_MODEL_NAME,
+    chat,
+    instances,
+    require_dynamo,
+    until_the_model_is_listed,
+)
 from tests.servers import EtcdServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -295,37 +301,6 @@ class Results:
             self.failures.append(f"{status}: {body[:300]}")
 
 
-async def _chat(
-    http: aiohttp.ClientSession, port: int, prompt: str, tokens: int
-) -> tuple[int, str]:
-    body = {
-        "model": TINY_MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-    }
-    try:
-        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                return resp.status, text
-            return resp.status, json.loads(text)["choices"][0]["message"]["content"]
-    except (aiohttp.ClientError, TimeoutError) as exc:  # a dropped connection is a failure
-        return 0, f"{type(exc).__name__}: {exc}"
-
-
-async def _until_the_model_is_listed(http: aiohttp.ClientSession, port: int) -> None:
-    """The frontend answers /v1/models (its readiness) before it has read the workers'
-    model card from discovery; a client waits for the model, as a user's first curl would."""
-    deadline = time.monotonic() + 30
-    while True:
-        async with http.get(f"http://127.0.0.1:{port}/v1/models") as resp:
-            models = [m["id"] for m in (await resp.json()).get("data", [])]
-        if TINY_MODEL_NAME in models:
-            return
-        assert time.monotonic() < deadline, f"the frontend lists {models}"
-        await asyncio.sleep(0.05)
-
-
 async def _control_api(http: aiohttp.ClientSession, port: int) -> Any:
     """The Planner's ``GET /v1/min-endpoints``; it answers 503 while a decision is being
     made (asking to retry), which a client does."""
@@ -377,8 +352,8 @@ async def test_the_real_planner_scales_decode_up_under_load_and_back_down(
         port = _port(conn, "Frontend/1", "http")
         timeout = aiohttp.ClientTimeout(total=60)
         async with aiohttp.ClientSession(timeout=timeout) as http:
-            await _until_the_model_is_listed(http, port)
-            status, content = await _chat(http, port, "hello", 8)
+            await until_the_model_is_listed(http, port)
+            status, content = await chat(http, port, "hello", 8)
             assert status == 200, content
             assert content.strip()
             results.add(status, content)
@@ -389,7 +364,7 @@ async def test_the_real_planner_scales_decode_up_under_load_and_back_down(
 
             async def trickle() -> None:
                 while not trickle_stop.is_set():
-                    results.add(*await _chat(http, port, "hello", 8))
+                    results.add(*await chat(http, port, "hello", 8))
                     await asyncio.sleep(0.2)
 
             load_stop = asyncio.Event()
@@ -397,7 +372,7 @@ async def test_the_real_planner_scales_decode_up_under_load_and_back_down(
             async def long_requests() -> None:
                 while not load_stop.is_set():
                     started = time.monotonic()
-                    results.add(*await _chat(http, port, LOAD_PROMPT, LOAD_TOKENS))
+                    results.add(*await chat(http, port, LOAD_PROMPT, LOAD_TOKENS))
                     results.load_durations.append(time.monotonic() - started)
 
             trickler = asyncio.create_task(trickle())
