@@ -101,8 +101,16 @@ async def test_instantly_exiting_component_reaches_crashloop_and_stops_spawning(
     tmp_path: Path,
 ) -> None:
     policy = RestartPolicy(backoff_base_s=0.05, backoff_max_s=0.1, crashloop_failures=4)
+    # A start-up grace the crashing interpreter never outlives, even on a loaded machine
+    # (0.1 s was not always enough for Python to start and exit): it must never count as
+    # ready before it exits.
     graph = make_graph(
-        svc("Broken", python_cmd("import sys; print('bad config'); sys.exit(3)"), restart=policy)
+        svc(
+            "Broken",
+            python_cmd("import sys; print('bad config'); sys.exit(3)"),
+            restart=policy,
+            readiness=Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=0.5),
+        )
     )
     async with running(graph, tmp_path) as conn:
         ok = await conn.scale_component("Broken", 1, timeout_s=15)
