@@ -16,6 +16,11 @@ the lowest contiguous indices. GPUs that foreign processes (not ours) use beyond
 threshold are skipped, and so are GPUs in MIG mode (their MIG instances are not handed out;
 a whole-GPU UUID would show the process no device). GPUs go to the process as
 ``CUDA_VISIBLE_DEVICES`` with UUIDs, because CUDA's index order can differ from NVML's.
+
+Why this module is over 500 lines: handing out is one atomic decision under one lock
+(GPUs, CPU, memory, ports and sockets together, with the refusal message naming what is
+missing and who holds it), and it reads best in one place. The model and placement are in
+:mod:`connector.reservation`, taking resources back in :mod:`connector.resource_release`.
 """
 
 from __future__ import annotations
@@ -25,228 +30,48 @@ import contextlib
 import hashlib
 import math
 import os
-import re
-import socket
-import threading
-import time
-from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import psutil
-
-from connector import defaults, procs, templates
+from connector import defaults
 from connector.errors import ResourcesExhausted
 from connector.graph import PortSpec, ResourceRequest, SocketSpec
-from connector.nvml import GpuBackend, GpuDevice, GpuSample, open_gpu_backend
+from connector.nvml import GpuBackend, GpuDevice, open_gpu_backend
 from connector.quantities import approx_memory, format_memory
+from connector.reservation import (
+    EPS,
+    LISTED,
+    SOCKET_PATH_LIMIT,
+    UNSAFE_IN_NAME,
+    Inventory,
+    ReleaseResult,
+    Reservation,
+    ReservationAsk,
+    gpu_amount,
+    ordinal_of,
+    place_gpus,
+    plural,
+    port_free,
+    port_holder,
+    short_uuid,
+    visible_gpus,
+)
+from connector.resource_release import ReleaseTracking
 
-EPS = 1e-9
-SOCKET_PATH_LIMIT = 100  # sun_path is 108 bytes; keep a margin
-_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Everything one replica holds. Persisted in the connector's state (``to_dict``) and
-    re-installed on start (:meth:`ResourceManager.adopt`)."""
-
-    replica_id: str  # "Decode/3"
-    component: str
-    gpus: tuple[str, ...] = ()
-    gpu_fraction: float = 0.0  # share of one GPU for a fractional request, else 0
-    cpu_cores: float = 0.0
-    cpus: tuple[int, ...] = ()  # pinned cores
-    memory_bytes: int = 0
-    ports: dict[str, int] = field(default_factory=dict)
-    sockets: dict[str, str] = field(default_factory=dict)
-    env_names: dict[str, str] = field(default_factory=dict)  # "port.NAME"/"socket.NAME" -> env var
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form, read back by :meth:`from_dict`."""
-        return {
-            "replica_id": self.replica_id,
-            "component": self.component,
-            "gpus": list(self.gpus),
-            "gpu_fraction": self.gpu_fraction,
-            "cpu_cores": self.cpu_cores,
-            "cpus": list(self.cpus),
-            "memory_bytes": self.memory_bytes,
-            "ports": dict(self.ports),
-            "sockets": dict(self.sockets),
-            "env_names": dict(self.env_names),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Reservation:
-        """The reservation :meth:`to_dict` wrote (missing optional keys read as empty)."""
-        return cls(
-            replica_id=str(d["replica_id"]),
-            component=str(d["component"]),
-            gpus=tuple(d.get("gpus", ())),
-            gpu_fraction=float(d.get("gpu_fraction", 0.0)),
-            cpu_cores=float(d.get("cpu_cores", 0.0)),
-            cpus=tuple(int(c) for c in d.get("cpus", ())),
-            memory_bytes=int(d.get("memory_bytes", 0)),
-            ports={str(k): int(v) for k, v in dict(d.get("ports", {})).items()},
-            sockets={str(k): str(v) for k, v in dict(d.get("sockets", {})).items()},
-            env_names={str(k): str(v) for k, v in dict(d.get("env_names", {})).items()},
-        )
-
-    def gpu_fields(self) -> dict[str, str]:
-        """The ``{gpu.count}``, ``{gpu.fraction}`` and ``{gpu.uuids}`` template values."""
-        return templates.gpu_fields(self.gpus, self.gpu_fraction)
-
-    def env(self) -> dict[str, str]:
-        """What the replica's process is told about its allocation.
-
-        ``CUDA_VISIBLE_DEVICES`` is always set, to ``""`` when no GPU was asked for, so a
-        replica never sees a GPU it does not hold. Ports and sockets go to the env var their
-        spec names (``PortSpec.env`` / ``SocketSpec.env``).
-        """
-        env = {
-            # No GPU asked for means no GPU visible: a frontend never grabs a GPU by accident.
-            "CUDA_VISIBLE_DEVICES": ",".join(self.gpus),
-            "DYNAMO_LOCAL_GPUS": ",".join(self.gpus),
-            "DYNAMO_LOCAL_REPLICA": self.replica_id,
-        }
-        if self.gpu_fraction:
-            env["DYNAMO_LOCAL_GPU_MEMORY_FRACTION"] = f"{self.gpu_fraction:g}"
-        if self.cpus:
-            env["DYNAMO_LOCAL_CPUS"] = ",".join(str(c) for c in self.cpus)
-        if self.cpu_cores:
-            env["DYNAMO_LOCAL_CPU_CORES"] = f"{self.cpu_cores:g}"
-        if self.memory_bytes:
-            env["DYNAMO_LOCAL_MEMORY_BYTES"] = str(self.memory_bytes)
-        for name, port in self.ports.items():
-            var = self.env_names.get(f"port.{name}")
-            if var:
-                env[var] = str(port)
-        for name, path in self.sockets.items():
-            var = self.env_names.get(f"socket.{name}")
-            if var:
-                env[var] = path
-        return env
+__all__ = [
+    "Inventory",
+    "ReleaseResult",
+    "Reservation",
+    "ReservationAsk",
+    "ResourceManager",
+    "open_resource_manager",
+    "visible_gpus",
+]
 
 
-class ReservationAsk(NamedTuple):
-    """One replica's request in :meth:`ResourceManager.reserve_many` (a plain 5-tuple in
-    this order is accepted too)."""
-
-    replica_id: str
-    component: str
-    request: ResourceRequest
-    ports: Sequence[PortSpec] = ()
-    sockets: Sequence[SocketSpec] = ()
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What the connector may hand out: GPUs (NVML order), CPU cores, memory."""
-
-    gpus: tuple[GpuDevice, ...]
-    cpus: tuple[int, ...]
-    memory_bytes: int
-    gpu_reason: str | None = None  # why there are no GPUs, when there are none
-
-    @classmethod
-    def detect(
-        cls,
-        backend: GpuBackend | None,
-        reason: str | None = None,
-        *,
-        environ: Mapping[str, str] | None = None,
-    ) -> Inventory:
-        """GPUs from ``backend`` (limited by ``CUDA_VISIBLE_DEVICES`` in ``environ``, the
-        process environment by default), CPU cores from the scheduler affinity, memory from
-        psutil. ``reason`` says why ``backend`` is None. Blocking (NVML): call in a thread."""
-        gpus: list[GpuDevice] = backend.devices() if backend is not None else []
-        visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and gpus:
-            gpus = visible_gpus(gpus, visible)
-            if not gpus:
-                reason = f"CUDA_VISIBLE_DEVICES={visible!r} leaves no GPU to hand out"
-        return cls(
-            gpus=tuple(gpus),
-            cpus=tuple(sorted(os.sched_getaffinity(0))),
-            memory_bytes=int(psutil.virtual_memory().total),
-            gpu_reason=reason if not gpus else None,
-        )
-
-
-def visible_gpus(gpus: Sequence[GpuDevice], visible: str) -> list[GpuDevice]:
-    """The GPUs a ``CUDA_VISIBLE_DEVICES`` value leaves, in NVML order, read as CUDA reads it.
-
-    Entries are indices or UUIDs; a UUID may be shortened to a prefix that names one GPU
-    ("GPU-3916acbf"). As in CUDA, an entry naming no GPU (e.g. ``-1``) hides it and every
-    entry after it. Indices are NVML's, which are CUDA's only under
-    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``: UUIDs are exact. ``MIG-`` entries name MIG instances,
-    which are not handed out: they are skipped.
-    """
-    chosen: list[str] = []
-    for raw in visible.split(","):
-        entry = raw.strip()
-        if entry.startswith("MIG-"):
-            continue
-        if entry.isdigit():
-            match = [g for g in gpus if g.index == int(entry)]
-        else:
-            match = [g for g in gpus if entry and g.uuid.startswith(entry)]
-        if len(match) != 1:
-            break
-        chosen.append(match[0].uuid)
-    return [g for g in gpus if g.uuid in chosen]
-
-
-@dataclass
-class ReleaseResult:
-    """How a release ended: whether the processes were gone within the timeout, and which
-    GPUs still listed them after it (now ``leaked``)."""
-
-    replica_id: str
-    processes_gone: bool
-    leaked_gpus: tuple[str, ...] = ()
-
-
-LISTED = "listed"  # why a GPU is not free: NVML lists the replica's processes on it
-
-
-class _Leak(NamedTuple):
-    """A GPU not shown free after a release: whose processes, and why (``LISTED`` or what
-    kept NVML from saying)."""
-
-    component: str
-    replica_id: str
-    why: str
-    pids: frozenset[int]  # the replica's process tree as released
-
-
-class _Lingering(NamedTuple):
-    """A stopped replica's reservation, held while its processes outlive the release."""
-
-    reservation: Reservation
-    identities: Mapping[int, float]  # pid -> start time (procs.identify) of the survivors
-    pids: frozenset[int]  # the replica's process tree as released
-
-
-def _short(uuid: str) -> str:
-    return uuid[:12] + "…" if len(uuid) > 13 else uuid
-
-
-def _plural(n: float, unit: str) -> str:
-    return f"{n:g} {unit}" if n == 1 else f"{n:g} {unit}s"
-
-
-def _gpu_amount(amount: float) -> str:
-    return f"{amount:g} of a GPU" if amount < 1 else _plural(amount, "GPU")
-
-
-def _ordinal(replica_id: str) -> str:
-    return replica_id.rsplit("/", 1)[-1]
-
-
-class ResourceManager:
+class ResourceManager(ReleaseTracking):
     """Holds every replica's reservation; the only place resources are handed out.
 
     ``foreign_memory_threshold_bytes``: a GPU whose processes that are not ours use more
@@ -255,41 +80,6 @@ class ResourceManager:
     a GPU leaked, polling NVML every ``release_poll_s``. ``on_event(kind, **fields)``
     receives ``leak`` and ``allocate`` events.
     """
-
-    def __init__(
-        self,
-        inventory: Inventory,
-        *,
-        working_dir: Path,
-        port_range: tuple[int, int] = defaults.PORT_RANGE,
-        foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES,
-        release_timeout_s: float = defaults.RELEASE_TIMEOUT_S,
-        gpu_backend: GpuBackend | None = None,
-        on_event: Callable[..., Any] | None = None,
-        release_poll_s: float = 0.1,
-        leak_poll_s: float = 1.0,
-    ) -> None:
-        self.inventory = inventory
-        self.working_dir = working_dir
-        self.port_range = port_range
-        self.foreign_threshold = foreign_memory_threshold_bytes
-        self.release_timeout_s = release_timeout_s
-        self.release_poll_s = release_poll_s
-        self.leak_poll_s = leak_poll_s
-        self.gpu_backend = gpu_backend
-        self.on_event = on_event
-        self._lock = threading.RLock()
-        self._held: dict[str, Reservation] = {}
-        self._leaked: dict[str, _Leak] = {}  # uuid -> whose processes hold it, and why
-        # Reservations of stopped replicas whose processes outlived the release timeout,
-        # by id() of the reservation (a new replica may reuse the replica id meanwhile).
-        self._lingering: dict[int, _Lingering] = {}
-        self._lists_processes: set[str] = set()  # GPUs NVML has listed processes for
-        self._foreign_busy: dict[str, int] = {}  # uuid -> bytes used by processes not ours
-        self._last_sample: list[GpuSample] = []
-        self._next_port = port_range[0]
-        self._leak_tasks: set[asyncio.Task[None]] = set()
-        self._releases: dict[str, asyncio.Task[ReleaseResult]] = {}
 
     @classmethod
     async def create(
@@ -317,29 +107,6 @@ class ResourceManager:
         with self._lock:
             return list(self._held.values())
 
-    def _holds(self) -> list[tuple[str, Reservation]]:
-        """Every reservation holding resources, with the holder's name: the replicas'
-        (by replica id), then the lingering ones of stopped replicas (callers hold the
-        lock)."""
-        out = [(r.replica_id, r) for r in self._held.values()]
-        out += [
-            (f"{g.reservation.replica_id} (stopped; processes still running)", g.reservation)
-            for g in self._lingering.values()
-        ]
-        return out
-
-    def _whole_holder(self, uuid: str) -> str | None:
-        for who, r in self._holds():
-            if uuid in r.gpus and not r.gpu_fraction:
-                return who
-        return None
-
-    def _fraction_used(self, uuid: str) -> float:
-        return sum(r.gpu_fraction for _, r in self._holds() if r.gpu_fraction and uuid in r.gpus)
-
-    def _holders(self, uuid: str) -> list[str]:
-        return [who for who, r in self._holds() if uuid in r.gpus]
-
     # ------------------------------------------------------------ reservation
 
     def reserve(
@@ -362,7 +129,7 @@ class ResourceManager:
             existing = self._held.get(replica_id)
             if existing is not None:
                 return existing
-            label = f"{component} replica {_ordinal(replica_id)}"
+            label = f"{component} replica {ordinal_of(replica_id)}"
             gpus, fraction = self._pick_gpus(label, request.gpu)
             cores = self._check_cpu(label, request, gpus)
             self._check_memory(label, request.memory_bytes)
@@ -410,7 +177,7 @@ class ResourceManager:
         gpus = list(self.inventory.gpus)
         if not gpus:
             raise self._exhausted(
-                f"{label} needs {_gpu_amount(amount)}, 0 on this machine"
+                f"{label} needs {gpu_amount(amount)}, 0 on this machine"
                 f" ({self.inventory.gpu_reason or 'no GPU found'})",
                 needed=amount,
                 free=0,
@@ -439,7 +206,7 @@ class ResourceManager:
         ]
         if len(free) < n:
             raise self._gpu_exhausted(label, n, len(free))
-        return tuple(g.uuid for g in _place(free, n)), 0.0
+        return tuple(g.uuid for g in place_gpus(free, n)), 0.0
 
     def _gpu_exhausted(self, label: str, needed: float, free: int) -> ResourcesExhausted:
         holders: dict[str, list[str]] = {}
@@ -449,11 +216,11 @@ class ResourceManager:
             blocked = self._blocked_by(g)
             if who:
                 holders[g.uuid] = who
-                parts.append(f"{_short(g.uuid)} held by {', '.join(who)}")
+                parts.append(f"{short_uuid(g.uuid)} held by {', '.join(who)}")
             elif blocked is not None:
                 holders[g.uuid] = [blocked]
-                parts.append(f"{_short(g.uuid)} {self._blocked_phrase(g.uuid, blocked)}")
-        message = f"{label} needs {_gpu_amount(needed)}, {free} free"
+                parts.append(f"{short_uuid(g.uuid)} {self._blocked_phrase(g.uuid, blocked)}")
+        message = f"{label} needs {gpu_amount(needed)}, {free} free"
         if parts:
             message += "; " + "; ".join(parts)
         return self._exhausted(message, needed=needed, free=free, holders=holders)
@@ -478,7 +245,7 @@ class ResourceManager:
         used = sum(r.cpu_cores for _, r in self._holds()) if request.cpu else 0.0
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
-                f"{label} needs {_plural(request.cpu, 'CPU core')}, "
+                f"{label} needs {plural(request.cpu, 'CPU core')}, "
                 f"{max(total - used, 0):g} of {total:g} unreserved",
                 needed=request.cpu,
                 free=max(total - used, 0),
@@ -491,7 +258,7 @@ class ResourceManager:
         want = math.ceil(request.cpu)
         if len(free) < want:
             raise self._exhausted(
-                f"{label} needs {_plural(want, 'pinned CPU core')}, {len(free)} not pinned",
+                f"{label} needs {plural(want, 'pinned CPU core')}, {len(free)} not pinned",
                 needed=want,
                 free=len(free),
                 kind="cpu",
@@ -538,13 +305,13 @@ class ResourceManager:
             tried += 1
             candidate = port
             port = lo + (port - lo + 1) % span
-            if candidate in taken or candidate in out.values() or not _port_free(candidate):
+            if candidate in taken or candidate in out.values() or not port_free(candidate):
                 continue
             out[specs[len(out)].name] = candidate
         if len(out) < len(specs):
             mine = sum(1 for p in taken if lo <= p <= hi)
             raise self._exhausted(
-                f"{label} needs {_plural(len(specs), 'port')}, {len(out)} free in {lo}-{hi} "
+                f"{label} needs {plural(len(specs), 'port')}, {len(out)} free in {lo}-{hi} "
                 f"({mine} held by replicas, the rest bound by other processes)",
                 needed=len(specs),
                 free=len(out),
@@ -581,16 +348,16 @@ class ResourceManager:
                 return held, []
             # SO_REUSEADDR as servers bind: only a listener (or a binder) counts as taken,
             # not the TIME_WAIT connections the replica's previous process left behind.
-            taken = [name for name, port in held.ports.items() if not _port_free(port, True)]
+            taken = [name for name, port in held.ports.items() if not port_free(port, True)]
             if not taken:
                 return held, []
-            label = f"{held.component} replica {_ordinal(replica_id)}"
+            label = f"{held.component} replica {ordinal_of(replica_id)}"
             moved = self._pick_ports(label, [PortSpec(name) for name in taken])
             updated = replace(held, ports={**held.ports, **moved})
             self._held[replica_id] = updated
         lines = [
             f"{replica_id}: port {name} {held.ports[name]} is taken by "
-            f"{_port_holder(held.ports[name])}; moved to {moved[name]}"
+            f"{port_holder(held.ports[name])}; moved to {moved[name]}"
             for name in taken
         ]
         return updated, lines
@@ -604,8 +371,8 @@ class ResourceManager:
         held = {p for _, r in self._holds() for p in r.sockets.values()}
         out: dict[str, str] = {}
         for spec in specs:
-            name = f"{component.lower()}-{_ordinal(replica_id)}-{spec.name}"
-            path = base / f"{_UNSAFE_IN_NAME.sub('_', name)}.sock"
+            name = f"{component.lower()}-{ordinal_of(replica_id)}-{spec.name}"
+            path = base / f"{UNSAFE_IN_NAME.sub('_', name)}.sock"
             # Too long, or taken (components differing only in case): a hashed name.
             if len(os.fsencode(str(path))) >= SOCKET_PATH_LIMIT or str(path) in held:
                 digest = hashlib.sha1(f"{replica_id}/{spec.name}".encode()).hexdigest()[:12]
@@ -671,9 +438,9 @@ class ResourceManager:
             whole = self._whole_holder(uuid)
             fraction = self._fraction_used(uuid)
             if whole is not None:
-                out.append(f"{_short(uuid)} is held whole by {whole}")
+                out.append(f"{short_uuid(uuid)} is held whole by {whole}")
             elif fraction and (not r.gpu_fraction or fraction + r.gpu_fraction > 1 + EPS):
-                out.append(f"{_short(uuid)} is {fraction:g} taken by fractions")
+                out.append(f"{short_uuid(uuid)} is {fraction:g} taken by fractions")
         ports = {p: who for who, o in self._holds() for p in o.ports.values()}
         out += [f"port {p} is held by {ports[p]}" for p in r.ports.values() if p in ports]
         cpus = {c: who for who, o in self._holds() for c in o.cpus}
@@ -686,274 +453,7 @@ class ResourceManager:
 
     # ---------------------------------------------------------------- release
 
-    async def release(self, replica_id: str, pids: Collection[int]) -> ReleaseResult:
-        """Give back a replica's resources once ``pids`` (its process tree) are gone (psutil)
-        and, for GPUs, NVML lists none of them, both within ``release_timeout_s``.
-
-        Until then the reservation stays held. Processes still running after the timeout
-        (stuck in the driver, say) keep all of it held as *lingering*, reported by a
-        ``leak`` event, until they exit. A GPU still listing them after the timeout, or one
-        whose processes NVML cannot list, is marked ``leaked``, stays unallocatable, and
-        becomes free again, with another event, once NVML shows it free. Empty ``pids``
-        (the processes are known to be gone) release at once. Concurrent calls for one
-        replica share one wait. An unknown replica is a no-op.
-        """
-        running = self._releases.get(replica_id)
-        if running is not None:
-            return await asyncio.shield(running)
-        with self._lock:
-            reservation = self._held.get(replica_id)
-        if reservation is None:
-            return ReleaseResult(replica_id, True)
-        task = asyncio.get_running_loop().create_task(self._release(reservation, set(pids)))
-        self._releases[replica_id] = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._releases.pop(replica_id, None)
-            else:  # we were cancelled; the release goes on and cleans up after itself
-                task.add_done_callback(lambda _: self._releases.pop(replica_id, None))
-
-    async def _release(self, reservation: Reservation, pid_set: set[int]) -> ReleaseResult:
-        replica_id = reservation.replica_id
-        deadline = time.monotonic() + self.release_timeout_s
-        identities = await asyncio.to_thread(procs.identify, pid_set)
-        gone = await asyncio.to_thread(procs.wait_gone, identities, self.release_timeout_s)
-        if not gone:
-            await self._linger(reservation, pid_set, identities)
-            return ReleaseResult(replica_id, False)
-        leaked = await self._free_gpus(reservation, pid_set, deadline)
-        return ReleaseResult(replica_id, True, leaked)
-
-    async def _free_gpus(
-        self, reservation: Reservation, pid_set: set[int], deadline: float
-    ) -> tuple[str, ...]:
-        """The processes are gone: drop the reservation (wherever it is held), once NVML
-        shows its GPUs free of them or ``deadline`` passes; the GPUs still busy then are
-        marked leaked and watched. Returns those."""
-        busy: dict[str, str] = {}
-        if reservation.gpus and self.gpu_backend is not None and pid_set:
-            busy = await self._wait_gpus_free(reservation.gpus, pid_set, deadline)
-        with self._lock:
-            if self._held.get(reservation.replica_id) is reservation:
-                del self._held[reservation.replica_id]
-            self._lingering.pop(id(reservation), None)
-            self._leaked.update(
-                {
-                    u: _Leak(reservation.component, reservation.replica_id, why, frozenset(pid_set))
-                    for u, why in busy.items()
-                }
-            )
-        for uuid, why in busy.items():
-            self._leak_event(
-                reservation.component,
-                reservation.replica_id,
-                "failed",
-                f"{_short(uuid)} {self._leak_phrase(uuid, why, reservation.replica_id)} "
-                f"{self.release_timeout_s:g} s after release",
-                gpu=uuid,
-            )
-            self._watch_leak(uuid)
-        for path in reservation.sockets.values():
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, path)
-        return tuple(busy)
-
-    async def _linger(
-        self, reservation: Reservation, pid_set: set[int], identities: Mapping[int, float]
-    ) -> None:
-        """Processes outlived the release timeout: they may still use the ports, cores and
-        GPUs, so everything stays held (as lingering) until they exit, then the GPUs get
-        the usual NVML check."""
-        replica_id = reservation.replica_id
-        alive = sorted(await asyncio.to_thread(procs.running, identities))
-        self._leak_event(
-            reservation.component,
-            replica_id,
-            "failed",
-            f"{replica_id}'s processes {', '.join(map(str, alive))} still run "
-            f"{self.release_timeout_s:g} s after release; its resources stay held until "
-            "they exit",
-            pids=alive,
-        )
-        self._hold_lingering(_Lingering(reservation, identities, frozenset(pid_set)))
-
-    def _hold_lingering(self, lingering: _Lingering) -> None:
-        """Hold a lingering reservation and watch its processes; once they are gone its
-        GPUs get the usual NVML check and everything is released."""
-        reservation = lingering.reservation
-        with self._lock:
-            # Held to lingering in one step: never held nowhere, so never handed out meanwhile.
-            if self._held.get(reservation.replica_id) is reservation:
-                del self._held[reservation.replica_id]
-            self._lingering[id(reservation)] = lingering
-
-        async def watch() -> None:
-            while True:  # psutil has no exit notification for processes not our children
-                if not await asyncio.to_thread(procs.running, lingering.identities):
-                    break
-                await asyncio.sleep(self.leak_poll_s)
-            self._leak_event(
-                reservation.component,
-                reservation.replica_id,
-                "ok",
-                f"{reservation.replica_id}'s processes exited; its resources are released",
-                pids=sorted(lingering.identities),
-            )
-            deadline = time.monotonic() + self.release_timeout_s
-            await self._free_gpus(reservation, set(lingering.pids), deadline)
-
-        self._track(watch())
-
-    async def _wait_gpus_free(
-        self, uuids: Sequence[str], pids: set[int], deadline: float
-    ) -> dict[str, str]:
-        """The GPUs of ``uuids`` not shown free of ``pids`` at ``deadline``, with why (NVML
-        is read at least once)."""
-        while True:
-            busy = await asyncio.to_thread(self._gpus_not_free, uuids, pids)
-            if not busy or time.monotonic() >= deadline:
-                return busy
-            await asyncio.sleep(self.release_poll_s)
-
-    def _gpus_not_free(self, uuids: Sequence[str], pids: set[int]) -> dict[str, str]:
-        """Of ``uuids``, those NVML does not show free of ``pids``, each with why:
-        ``listed`` (NVML lists one of them) or what kept NVML from saying."""
-        assert self.gpu_backend is not None
-        try:
-            samples = self.gpu_backend.sample()
-        except Exception as exc:  # any backend failure is "unknown", never "free"
-            return dict.fromkeys(uuids, f"NVML failed: {exc}")
-        busy: dict[str, str] = {}
-        with self._lock:
-            for s in samples:
-                if s.uuid not in uuids:
-                    continue
-                if s.processes_known:
-                    self._lists_processes.add(s.uuid)
-                    if any(p.pid in pids for p in s.processes):
-                        busy[s.uuid] = LISTED
-                # A GPU NVML has never listed processes for (some drivers in VMs) is judged
-                # by psutil alone; one that did list them before is not trusted empty now.
-                elif s.uuid in self._lists_processes:
-                    busy[s.uuid] = "NVML could not list its processes"
-        return busy
-
-    def _leak_phrase(self, uuid: str, why: str, replica_id: str) -> str:
-        if why == LISTED:
-            return f"still lists {replica_id}'s processes"
-        return f"is not shown free of {replica_id}'s processes ({why})"
-
-    def _watch_leak(self, uuid: str) -> None:
-        """Poll NVML until the leaked GPU ``uuid`` is free of its replica's processes."""
-        leak = self._leaked[uuid]
-
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(self.leak_poll_s)
-                if not await asyncio.to_thread(self._gpus_not_free, [uuid], set(leak.pids)):
-                    break
-            with self._lock:
-                self._leaked.pop(uuid, None)
-            self._leak_event(
-                leak.component, leak.replica_id, "ok", f"{_short(uuid)} is free again", gpu=uuid
-            )
-
-        self._track(watch())
-
-    def _track(self, watcher: Coroutine[Any, Any, None]) -> None:
-        """Run a leak watcher until it is done or :meth:`close` cancels it."""
-        task = asyncio.get_running_loop().create_task(watcher)
-        self._leak_tasks.add(task)
-        task.add_done_callback(self._leak_tasks.discard)
-
     # ------------------------------------------------------------ persistence
-
-    def held_after_stop(self) -> list[dict[str, Any]]:
-        """What stopped replicas still hold, JSON-safe, for the connector's persisted state
-        (read back by :meth:`restore_held_after_stop`): lingering reservations with their
-        processes' start times, and leaked GPUs with the PIDs NVML was listing."""
-        with self._lock:
-            out: list[dict[str, Any]] = [
-                {
-                    "kind": "lingering",
-                    "reservation": g.reservation.to_dict(),
-                    "processes": {str(pid): t for pid, t in sorted(g.identities.items())},
-                    "pids": sorted(g.pids),
-                }
-                for g in self._lingering.values()
-            ]
-            out += [
-                {
-                    "kind": "leaked",
-                    "gpu": uuid,
-                    "component": leak.component,
-                    "replica": leak.replica_id,
-                    "why": leak.why,
-                    "pids": sorted(leak.pids),
-                }
-                for uuid, leak in self._leaked.items()
-            ]
-        return out
-
-    def restore_held_after_stop(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Hold again what :meth:`held_after_stop` persisted before a connector restart, and
-        watch it as before: a lingering reservation is released once its processes are gone
-        (at once if they already are), a leaked GPU once NVML shows it free. Call on the
-        event loop. Returns a problem per entry that could not be read or names a GPU this
-        machine no longer has (those are dropped)."""
-        problems: list[str] = []
-        known = {g.uuid for g in self.inventory.gpus}
-        for n, entry in enumerate(entries):
-            try:
-                if entry["kind"] == "lingering":
-                    identities = {int(p): float(t) for p, t in dict(entry["processes"]).items()}
-                    self._hold_lingering(
-                        _Lingering(
-                            Reservation.from_dict(entry["reservation"]),
-                            identities,
-                            frozenset(int(p) for p in entry["pids"]),
-                        )
-                    )
-                elif entry["kind"] == "leaked":
-                    uuid = str(entry["gpu"])
-                    if uuid not in known:
-                        problems.append(f"entry {n}: leaked GPU {uuid} is not on this machine")
-                        continue
-                    leak = _Leak(
-                        str(entry["component"]),
-                        str(entry["replica"]),
-                        str(entry["why"]),
-                        frozenset(int(p) for p in entry["pids"]),
-                    )
-                    with self._lock:
-                        self._leaked[uuid] = leak
-                    self._watch_leak(uuid)
-                else:
-                    problems.append(f"entry {n}: unknown kind {entry['kind']!r}")
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                problems.append(f"entry {n}: unreadable ({type(exc).__name__}: {exc})")
-        return problems
-
-    def _leak_event(
-        self, component: str, replica: str, outcome: str, reason: str, **details: Any
-    ) -> None:
-        # "leak" is the event catalog's kind (exporter/catalog.py EVENT_KINDS): "failed"
-        # when something stays held past a release, "ok" when it is free again.
-        self._emit(
-            "leak",
-            component=component,
-            replica=replica,
-            outcome=outcome,
-            reason=reason,
-            details=details,
-        )
-
-    def _emit(self, kind: str, **fields: Any) -> None:
-        if self.on_event is not None:
-            with contextlib.suppress(Exception):
-                self.on_event(kind, **fields)
 
     # --------------------------------------------------------------- sampling
 
@@ -1059,63 +559,6 @@ class ResourceManager:
                     for g in self._lingering.values()
                 ],
             }
-
-
-def _place(free: list[GpuDevice], n: int) -> list[GpuDevice]:
-    """Choose n of the free GPUs: NVLink-connected, then one NUMA node, then contiguous."""
-    if n == 1:
-        return free[:1]
-    by_uuid = {g.uuid: g for g in free}
-    for g in free:  # an NVLink clique containing g, lowest indices first
-        if not g.nvlink_peers:
-            continue
-        group = [g]
-        for peer in sorted(
-            (by_uuid[u] for u in g.nvlink_peers if u in by_uuid), key=lambda d: d.index
-        ):
-            if all(peer.nvlink_peers and m.uuid in peer.nvlink_peers for m in group):
-                group.append(peer)
-            if len(group) == n:
-                return group
-    nodes: dict[int, list[GpuDevice]] = {}
-    for g in free:
-        if g.numa_node is not None:
-            nodes.setdefault(g.numa_node, []).append(g)
-    for node in sorted(nodes):
-        if len(nodes[node]) >= n:
-            return _contiguous(nodes[node], n)
-    return _contiguous(free, n)
-
-
-def _contiguous(free: list[GpuDevice], n: int) -> list[GpuDevice]:
-    ordered = sorted(free, key=lambda g: g.index)
-    for i in range(len(ordered) - n + 1):
-        run = ordered[i : i + n]
-        if run[-1].index - run[0].index == n - 1:
-            return run
-    return ordered[:n]
-
-
-def _port_free(port: int, reuse_address: bool = False) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        if reuse_address:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_holder(port: int) -> str:
-    """Who has ``port`` bound, as well as psutil can tell ("pid 4242 (nginx)")."""
-    with contextlib.suppress(psutil.Error, OSError):
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.laddr and conn.laddr.port == port and conn.pid:
-                with contextlib.suppress(psutil.Error):
-                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                return f"pid {conn.pid}"
-    return "another process"
 
 
 async def open_resource_manager(
