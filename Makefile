@@ -38,4 +38,4 @@ bench:
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-aiperf .pytest_cache .mypy_cache .ruff_cache

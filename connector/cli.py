@@ -293,6 +293,12 @@ async def cmd_down(api: Client, args: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
+async def cmd_experiment(api: Client, args: argparse.Namespace) -> int:
+    from connector.experiment.command import run_command
+
+    return await run_command(api, args, out, err)
+
+
 # --------------------------------------------------------------------------- up
 
 
@@ -308,6 +314,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.auth_all and not token:
         fail("--auth-all needs a token (--token or DYNAMO_LOCAL_TOKEN)")
+        return EXIT_USAGE
+    if args.dry_run and not args.scaledobject:
+        fail("--dry-run applies to the policies: give them with --scaledobject FILE")
         return EXIT_USAGE
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -332,6 +341,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         gpu_foreign_memory_threshold_bytes=args.gpu_foreign_threshold,
         gpu_release_timeout_s=args.release_timeout,
         max_replicas=args.max_replicas,
+        scaledobjects=tuple(args.scaledobject),
+        dry_run=args.dry_run,
     )
 
     def say(line: str) -> None:
@@ -472,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="replicas the whole graph may run at once (default: "
         f"{defaults.REPLICAS_PER_CORE} per core, at least {defaults.MIN_REPLICA_BUDGET})",
     )
+    up.add_argument(
+        "--scaledobject",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a KEDA ScaledObject (keda.sh/v1alpha1, prometheus triggers) whose policy drives "
+        "the graph service it targets; repeatable",
+    )
+    up.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --scaledobject: evaluate the policies and record what they would do "
+        "(events, metrics) without scaling",
+    )
     up.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     up.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -535,6 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=_positive(int), default=None)
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(run=cmd_events)
+
+    from connector.experiment.command import add_arguments as experiment_arguments
+
+    experiment = sub.add_parser(
+        "experiment",
+        parents=[client],
+        help="drive load phases with aiperf and record how the graph scales",
+    )
+    experiment_arguments(experiment)
+    experiment.set_defaults(run=cmd_experiment)
     return parser
 
 

@@ -34,6 +34,14 @@ class GraphError(ConnectorError):
     http_status = 422
 
 
+class ScaledObjectError(ConnectorError):
+    """A KEDA ScaledObject file asks for something invalid or that dynamo-local cannot honour;
+    the message names the file, the field path and why (connector.policy)."""
+
+    code = "invalid_scaledobject"
+    http_status = 422
+
+
 class ComponentNotFound(ConnectorError):
     code = "component_not_found"
     http_status = 404

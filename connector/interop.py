@@ -6,7 +6,8 @@ Configuration comes from :class:`connector.options.ConnectorOptions`: ``discover
 ``prefill_queue_stream`` (default ``{graph namespace}_prefill_queue``),
 ``prefill_queue_consumer`` (default ``worker-group``), ``prefill_queue_metrics_url`` and
 ``prefill_queue_metric`` (a gauge such as ``dynamo_frontend_queued_requests``),
-``prefill_queue_metric_labels`` (a label filter for it).
+``prefill_queue_metric_labels`` (a label filter for it). ``scaled_objects`` (with
+``policy_dry_run``) start one policy driver per ScaledObject (:mod:`connector.policy`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from connector.planner import (
     apply_decision,
     resolve_component,
 )
+from connector.policy.binding import bind
+from connector.policy.driver import Policies
 from connector.queues import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
 from connector.reconcile import Hooks
 from connector.state import ConnectorState
@@ -69,8 +72,11 @@ class Interop:
     bridge: DiscoveryBridge | None = None
     executor: VirtualConnectorExecutor | None = None
     queue: PrefillQueueMonitor | None = None
+    policies: Policies | None = None
 
     async def close(self) -> None:
+        if self.policies is not None:
+            await self.policies.close()
         if self.executor is not None:
             await self.executor.close()
         if self.queue is not None:
@@ -125,6 +131,8 @@ async def start_interop(connector: InteropHost) -> Interop:
             connector.hooks.replica_env = lambda: dict(extra_env)
         if opts.planner_executor:
             interop.executor = await _start_executor(connector)
+        if opts.scaled_objects:
+            interop.policies = _start_policies(connector)
         interop.queue = _queue_monitor(connector)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -164,6 +172,18 @@ async def _start_executor(connector: InteropHost) -> VirtualConnectorExecutor:
     )
     await executor.start()
     return executor
+
+
+def _start_policies(connector: InteropHost) -> Policies:
+    """One driver per ScaledObject; each waits until the connector runs its loop. Checked
+    against the graph here too (``up`` checks before it starts anything), so a library
+    connector refuses a second driver of a component just as ``up`` does."""
+    opts = connector.options
+    planner = "the Planner executor (planner_executor=True)" if opts.planner_executor else None
+    bound = bind(connector.graph, opts.scaled_objects, planner)
+    policies = Policies(connector, bound, dry_run=opts.policy_dry_run)
+    policies.start()
+    return policies
 
 
 # How long an acknowledgement waits, after the scale, for discovery to list the desired
@@ -229,6 +249,16 @@ def planner_status(connector: InteropHost) -> dict[str, Any]:
     if executor is None or not executor.running:
         return {}
     return executor.status()
+
+
+def autoscaler_status(connector: InteropHost) -> dict[str, Any]:
+    """The policy drivers' status (``Policies.status``), as the exporter reads it; ``{}``
+    while no policy runs."""
+    interop = interop_of(connector)
+    policies = interop.policies if interop is not None else None
+    if policies is None or not policies.running:
+        return {}
+    return policies.status()
 
 
 async def system_topology(connector: InteropHost) -> dict[str, Any]:

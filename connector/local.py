@@ -625,6 +625,12 @@ class LocalConnector(PlannerConnectorMixin):
 
         return planner_status(self)
 
+    def autoscaler_status(self) -> dict[str, Any]:
+        """What each ScaledObject policy last evaluated (no I/O); ``{}`` when none runs."""
+        from connector.interop import autoscaler_status
+
+        return autoscaler_status(self)
+
     async def get_system_topology(self) -> dict[str, Any]:
         self._live()
         from connector.interop import system_topology

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from connector import defaults
+
+if TYPE_CHECKING:  # only a type here: reading the options imports no YAML reader
+    from connector.policy.scaledobject import ScaledObject
 
 
 class Closeable(Protocol):
@@ -40,6 +43,10 @@ class ConnectorOptions:
     planner_executor: bool = False
     # Replicas the whole graph may run at once (None: defaults.replica_budget()).
     max_replicas: int | None = None
+    # KEDA ScaledObjects whose policies drive their components (connector.policy), and
+    # whether they only record what they would do.
+    scaled_objects: tuple[ScaledObject, ...] = ()
+    policy_dry_run: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 

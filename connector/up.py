@@ -1,8 +1,9 @@
 """``dynamo-local up``: the composition root.
 
-Wires, in order: OpenTelemetry (``exporter.tracing``), the graph, a private etcd when
-the graph needs etcd and none was named (:mod:`connector.private_etcd`), the connector
-(circusd started, replicas adopted or started), the exporter, the HTTP app; then serves
+Wires, in order: OpenTelemetry (``exporter.tracing``), the graph and the ScaledObjects
+checked against it (:mod:`connector.policy`), a private etcd when the graph needs etcd and
+none was named (:mod:`connector.private_etcd`), the connector (circusd started, replicas
+adopted or started, the policies' drivers), the exporter, the HTTP app; then serves
 until SIGINT/SIGTERM or ``POST /v1/shutdown``, and takes everything down in reverse order
 so that no process is left behind.
 """
@@ -26,6 +27,8 @@ from connector.frontend_hint import announce_when_serving, frontend_services
 from connector.graph import Graph, Role
 from connector.local import LocalConnector
 from connector.options import ConnectorOptions, default_working_dir
+from connector.policy.binding import BoundPolicy, bind
+from connector.policy.scaledobject import ScaledObject, load_scaled_object
 from connector.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd, PrivateEtcdError
 from connector.server import RunningServer, create_app, is_loopback, loopback_hosts, start_server
 
@@ -53,9 +56,14 @@ class UpConfig:
     gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
     gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
     max_replicas: int | None = None  # None: defaults.replica_budget()
+    scaledobjects: tuple[str, ...] = ()  # KEDA ScaledObject files, as named on the command line
+    dry_run: bool = False  # the policies record what they would do, and never scale
 
     def options(
-        self, graph: Graph | None = None, private_etcd_url: str | None = None
+        self,
+        graph: Graph | None = None,
+        private_etcd_url: str | None = None,
+        scaled_objects: tuple[ScaledObject, ...] = (),
     ) -> ConnectorOptions:
         etcd_url = self.etcd_url or private_etcd_url
         # A Planner in virtual mode waits forever for its decisions to be acknowledged:
@@ -73,6 +81,8 @@ class UpConfig:
             gpu_foreign_memory_threshold_bytes=self.gpu_foreign_memory_threshold_bytes,
             gpu_release_timeout_s=self.gpu_release_timeout_s,
             max_replicas=self.max_replicas,
+            scaled_objects=scaled_objects,
+            policy_dry_run=self.dry_run,
         )
 
 
@@ -91,6 +101,32 @@ async def _load_graph(config: UpConfig) -> Graph:
 
 def _planners(graph: Graph) -> list[str]:
     return [s.name for s in graph.services.values() if s.role is Role.PLANNER]
+
+
+def _planner_driver(graph: Graph, config: UpConfig) -> str | None:
+    """What will run the Planner executor (for the one-driver message); None: nothing."""
+    planners = _planners(graph)
+    if planners:
+        return f"the Planner executor (always on for the graph's Planner service {planners[0]})"
+    if config.planner_executor:
+        return "the Planner executor (--planner-executor)"
+    return None
+
+
+async def _load_policies(
+    graph: Graph, config: UpConfig, out: Callable[[str], None]
+) -> tuple[BoundPolicy, ...]:
+    """Read and check every ``--scaledobject`` file before anything starts: a file that
+    asks for what cannot be honoured, or a component with two drivers, fails here."""
+    scaled = [
+        await asyncio.to_thread(load_scaled_object, Path(name), name)
+        for name in config.scaledobjects
+    ]
+    bound = bind(graph, scaled, _planner_driver(graph, config))
+    for so in scaled:
+        for warning in so.warnings:
+            out(f"dynamo-local: {warning}")
+    return bound
 
 
 def _why_etcd(graph: Graph, config: UpConfig) -> str | None:
@@ -237,11 +273,11 @@ async def run_up(
         except TelemetryConfigError as exc:
             raise StartupError(f"OpenTelemetry settings: {exc}") from exc
         graph = await _load_graph(config)
+        policies = await _load_policies(graph, config, out)
         working_dir = (config.working_dir or default_working_dir(graph.namespace)).expanduser()
         etcd_url = await _private_etcd(graph, config, working_dir, stack, out)
-        connector = LocalConnector(
-            graph.namespace, graph, working_dir, config.options(graph, etcd_url)
-        )
+        options = config.options(graph, etcd_url, tuple(p.scaled_object for p in policies))
+        connector = LocalConnector(graph.namespace, graph, working_dir, options)
         settings = ApiSettings(
             allowed_hosts=loopback_hosts(config.host) if is_loopback(config.host) else None
         )
@@ -268,7 +304,7 @@ async def run_up(
             await exporter.start()
             stack.exporter = exporter
             app[CONTEXT].exporter = exporter
-        _announce(connector, stack.server, config, out)
+        _announce(connector, stack.server, config, out, policies)
         # Once the graph serves: a curl that gets an answer from its frontend.
         stack.hint = asyncio.create_task(
             announce_when_serving(connector, frontend_services(connector.graph), out)
@@ -287,7 +323,11 @@ async def run_up(
 
 
 def _announce(
-    connector: LocalConnector, server: RunningServer, config: UpConfig, out: Callable[[str], None]
+    connector: LocalConnector,
+    server: RunningServer,
+    config: UpConfig,
+    out: Callable[[str], None],
+    policies: tuple[BoundPolicy, ...] = (),
 ) -> None:
     graph = connector.graph
     out(
@@ -301,6 +341,13 @@ def _announce(
     if config.token:
         scope = "every route" if config.auth_all else "mutating routes"
         out(f"  auth         bearer token required on {scope}")
+    for p in policies:
+        so = p.scaled_object
+        mode = " (dry run: records what it would do, never scales)" if config.dry_run else ""
+        out(
+            f"  policy       {so.name} ({so.source}) drives {p.component} every "
+            f"{so.polling_interval_s} s{mode}"
+        )
     out("  Ctrl-C stops every replica and exits")
 
 

@@ -59,6 +59,9 @@ class EventKind(StrEnum):
     ALLOCATE = "allocate"
     RELEASE = "release"
     LEAK = "leak"
+    # A ScaledObject policy's decision (connector.policy): why it scaled, would scale (dry
+    # run), held, or saw a trigger fail.
+    AUTOSCALE = "autoscale"
 
 
 class Outcome(StrEnum):
@@ -80,3 +83,4 @@ class Source(StrEnum):
     CLI = "cli"
     RECONCILE = "reconcile"
     USER = "user"
+    POLICY = "policy"  # a ScaledObject policy (connector.policy)

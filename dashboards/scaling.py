@@ -41,6 +41,8 @@ PENDING_PER_PREFILL = (
 )
 FRONTEND = f'job="{DYNAMO_FRONTEND_JOB}"'
 DECISIONS = sel("events_total", BY_NS, 'kind="decision"')
+# The ScaledObject policies' decisions and trigger failures (connector.policy).
+POLICY_EVENTS = sel("events_total", BY_NS, 'kind="autoscale"')
 
 
 def _m(name: str, *extra: str) -> str:
@@ -337,6 +339,76 @@ def build() -> dict[str, Any]:
                 "Bytes stored in the prefill stream.",
                 UNIT_BYTES,
                 [Query(sel("prefill_queue_stream_bytes", BY_NS), "bytes")],
+                minimum=0,
+            )
+        )
+        .with_row(gd.Row("Policies (KEDA ScaledObjects)"))
+        .with_panel(
+            timeseries_panel(
+                "Policy count vs replica target",
+                "What each ScaledObject policy's last evaluation gave its component (with up "
+                "--dry-run, what it would set) against the component's replica target.",
+                UNIT_REPLICAS,
+                [
+                    Query(
+                        _m("autoscaler_desired_replicas"),
+                        "{{dynamo_component}} policy {{scaled_object}}",
+                    ),
+                    Query(
+                        f"{_m('component_replicas_desired')} and on ({NS}, {COMP}) "
+                        f"{_m('autoscaler_desired_replicas')}",
+                        "{{dynamo_component}} target",
+                    ),
+                ],
+                minimum=0,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Trigger values",
+                "What each trigger's query returned at its last evaluation; a gap is a "
+                "failed query (never read as 0).",
+                UNIT_COUNT,
+                [
+                    Query(
+                        _m("autoscaler_metric_value"),
+                        "{{scaled_object}} trigger {{trigger}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Triggers active",
+                "1 while a trigger is above its activationThreshold: KEDA scales from zero "
+                "when one is, and to zero only after cooldownPeriod with none.",
+                UNIT_COUNT,
+                [
+                    Query(
+                        _m("autoscaler_active"),
+                        "{{scaled_object}} trigger {{trigger}}",
+                    )
+                ],
+                minimum=0,
+                maximum=1,
+            )
+        )
+        .with_panel(
+            timeseries_panel(
+                "Trigger query failures",
+                "Failed trigger queries per rate interval; while one fails its policy does "
+                "not scale down for it, and falls back after fallback.failureThreshold.",
+                UNIT_COUNT,
+                [
+                    Query(
+                        f"increase({_m('autoscaler_errors_total')}[$__rate_interval])",
+                        "{{scaled_object}} trigger {{trigger}}",
+                    ),
+                    Query(
+                        f"sum by ({NS}) (increase({POLICY_EVENTS}[$__rate_interval]))",
+                        "policy events",
+                    ),
+                ],
                 minimum=0,
             )
         )

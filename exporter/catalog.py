@@ -38,6 +38,7 @@ class Group(StrEnum):
     DISCOVERY = "discovery"
     SCALING = "scaling"
     PLANNER = "planner"
+    AUTOSCALER = "autoscaler"
     EXPORTER = "exporter"
 
 
@@ -50,6 +51,7 @@ GROUP_TITLES: dict[Group, str] = {
     Group.DISCOVERY: "Discovery (etcd or file backend)",
     Group.SCALING: "Scaling and events (event log)",
     Group.PLANNER: "Planner decisions (virtual-connector executor)",
+    Group.AUTOSCALER: "Autoscaler (KEDA ScaledObject policies)",
     Group.EXPORTER: "Exporter health",
 }
 
@@ -59,6 +61,8 @@ NS = "dynamo_namespace"
 COMP = "dynamo_component"
 REPLICA = "replica"
 GPU = "gpu"
+SCALED_OBJECT = "scaled_object"
+TRIGGER = "trigger"
 
 # Small fixed enums: every value a label may take. Values outside an enum are folded into
 # ``other`` so that nothing a caller sends can grow the number of series without bound.
@@ -69,7 +73,15 @@ SCALE_DIRECTIONS = ("up", "down", "none")
 SCALE_SOURCES = (*vocabulary.values(Source), "other")
 SCALE_OUTCOMES = (*vocabulary.values(Outcome), "other")
 EVENT_KINDS = (*vocabulary.values(EventKind), "other")
-HEALTH_SOURCES = ("processes", "nvml", "discovery", "prefill_queue", "resources", "planner")
+HEALTH_SOURCES = (
+    "processes",
+    "nvml",
+    "discovery",
+    "prefill_queue",
+    "resources",
+    "planner",
+    "autoscaler",
+)
 GPU_ALLOCATION_STATES = ("free", "allocated", "leaked")
 # NVML clock-event ("throttle") reasons, decoded from the bit mask.
 THROTTLE_REASONS = (
@@ -129,6 +141,8 @@ OTEL_ATTRIBUTES: dict[str, str] = {
     "outcome": "dynamo_local.outcome",
     "kind": "dynamo_local.event.kind",
     "reason": "hw.gpu.throttle_reason",
+    SCALED_OBJECT: "dynamo_local.autoscaler.scaled_object",
+    TRIGGER: "dynamo_local.autoscaler.trigger",
 }
 
 # Prometheus unit suffix -> UCUM unit used by OpenTelemetry.
@@ -213,6 +227,8 @@ def _spec(
 
 _C = (NS, COMP)
 _R = (NS, COMP, REPLICA)
+_SO = (NS, COMP, SCALED_OBJECT)
+_T = (*_SO, TRIGGER)
 GAUGE, COUNTER, HISTOGRAM, INFO = Kind.GAUGE, Kind.COUNTER, Kind.HISTOGRAM, Kind.INFO
 
 CATALOG: tuple[MetricSpec, ...] = (
@@ -412,13 +428,33 @@ CATALOG: tuple[MetricSpec, ...] = (
           "dynamo_local.planner.decision.seen_timestamp",
           "Unix time the Planner executor first saw the decision in "
           "dynamo_local_planner_decision_id."),
+    # --- autoscaler (only while ScaledObject policies run) -----------------------------------
+    _spec("autoscaler_metric_value", GAUGE, "", _T, Group.AUTOSCALER,
+          "dynamo_local.autoscaler.metric.value",
+          "Value a ScaledObject trigger's query returned at its last evaluation (the trigger "
+          "label is its name, else its index). Absent while the query fails or before the "
+          "first evaluation: a failed query is never published, nor read, as 0."),
+    _spec("autoscaler_desired_replicas", GAUGE, "", _SO, Group.AUTOSCALER,
+          "dynamo_local.autoscaler.desired_replicas",
+          "Replica count the ScaledObject's last evaluation gave the component (KEDA's "
+          "activation and the HPA algorithm with its behaviors); with up --dry-run, the "
+          "count it would set. Absent before the first evaluation."),
+    _spec("autoscaler_active", GAUGE, "", _T, Group.AUTOSCALER,
+          "dynamo_local.autoscaler.active",
+          "1 when the trigger's last value was above its activationThreshold (KEDA's "
+          "activity, which scales from and to zero), else 0; 0 while its query fails."),
+    _spec("autoscaler_errors_total", COUNTER, "", _T, Group.AUTOSCALER,
+          "dynamo_local.autoscaler.errors",
+          "Failed queries of the trigger (errors, timeouts, empty results with "
+          "ignoreNullValues false); a failed query is never read as zero demand."),
     # --- exporter health --------------------------------------------------------------------
     _spec("exporter_source_up", GAUGE, "", ("source",), Group.EXPORTER,
           "dynamo_local.exporter.source.up",
           "1 when the exporter's last read of the source succeeded, else 0. processes: "
           "connector state and process trees; nvml: GPUs; discovery: discovery instances "
           "(etcd or file backend); prefill_queue: prefill queue (NATS JetStream or a /metrics "
-          "gauge); resources: allocation; planner: the Planner executor's decisions. Sources "
+          "gauge); resources: allocation; planner: the Planner executor's decisions; "
+          "autoscaler: the ScaledObject policies. Sources "
           "the exporter was not given are absent.",
           enums={"source": HEALTH_SOURCES}),
     _spec("exporter_source_last_success_timestamp_seconds", GAUGE, "seconds", ("source",),

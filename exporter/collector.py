@@ -85,6 +85,7 @@ def snapshot_rows(snapshot: Snapshot) -> list[tuple[MetricSpec, list[Row]]]:
     _machine(f, snapshot)
     _queue_and_discovery(f, snapshot)
     _planner(f, snapshot)
+    _autoscaler(f, snapshot, namespace_of)
     _health(f, snapshot)
     return f.families()
 
@@ -209,6 +210,20 @@ def _planner(f: Rows, snapshot: Snapshot) -> None:
     f.add(P + "planner_decision_id", ns, p.decision_id)
     f.add(P + "planner_decision_acknowledged_id", ns, p.acknowledged_id)
     f.add(P + "planner_decision_seen_timestamp_seconds", ns, p.decision_seen_at)
+
+
+def _autoscaler(f: Rows, snapshot: Snapshot, namespace_of: dict[str, str]) -> None:
+    a = snapshot.autoscaler
+    if a is None:
+        return  # no policy: no series (not zeros)
+    for so in a.scaled_objects:
+        base = (namespace_of.get(so.component, snapshot.view.namespace), so.component)
+        f.add(P + "autoscaler_desired_replicas", (*base, so.scaled_object), so.desired_replicas)
+        for t in so.triggers:
+            labels = (*base, so.scaled_object, t.trigger)
+            f.add(P + "autoscaler_metric_value", labels, t.value)
+            f.add(P + "autoscaler_active", labels, t.active)
+            f.add(P + "autoscaler_errors_total", labels, t.errors_total)
 
 
 def _health(f: Rows, snapshot: Snapshot) -> None:

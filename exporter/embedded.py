@@ -30,6 +30,8 @@ def exporter_sources(connector: Any) -> dict[str, Any]:
         sources["discovery_stats"] = connector.discovery_stats
     if options.planner_executor:
         sources["planner_status"] = connector.planner_status
+    if getattr(options, "scaled_objects", ()):
+        sources["autoscaler_status"] = connector.autoscaler_status
     return sources
 
 

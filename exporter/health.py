@@ -3,9 +3,10 @@
 Sources are named after their data, not the transport: ``processes`` (connector state and
 process trees), ``nvml`` (GPUs), ``discovery`` (discovery instances, etcd or file backend),
 ``prefill_queue`` (the prefill queue, NATS JetStream or a ``/metrics`` gauge), ``resources``
-(allocation), ``planner`` (the Planner executor's decisions); the names are
-``exporter.catalog.HEALTH_SOURCES``. A failing source does not stop the others; its values
-are left out of the snapshot and its health says why.
+(allocation), ``planner`` (the Planner executor's decisions), ``autoscaler`` (the
+ScaledObject policies); the names are ``exporter.catalog.HEALTH_SOURCES``. A failing
+source does not stop the others; its values are left out of the snapshot and its health
+says why.
 """
 
 from __future__ import annotations

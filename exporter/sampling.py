@@ -22,10 +22,12 @@ from exporter.gpu_types import GpuDeviceFacts, GpuReading, GpuSource
 from exporter.health import HealthTracker, SourceHealth, describe
 from exporter.process_tree import ProcessTreeSampler, ReplicaProcesses, ReplicaRoot
 from exporter.sources import (
+    AutoscalerReading,
     DiscoveryReading,
     MachineAllocation,
     PlannerReading,
     QueueReading,
+    parse_autoscaler,
     parse_discovery,
     parse_machine_view,
     parse_planner,
@@ -78,6 +80,7 @@ class Snapshot:
     planner: PlannerReading | None  # None: no executor runs (or its read failed)
     health: tuple[SourceHealth, ...]
     collection_cpu_seconds_total: float
+    autoscaler: AutoscalerReading | None = None  # None: no policy runs (or its read failed)
 
     def replicas_of(self, component: str) -> list[ReplicaUsage]:
         return [r for r in self.replicas if r.component == component]
@@ -99,6 +102,7 @@ class Sampler:
         queue_reader: SourceFn | None = None,
         discovery_stats: SourceFn | None = None,
         planner_status: SourceFn | None = None,
+        autoscaler_status: SourceFn | None = None,
         interval_s: float = 1.0,
         source_timeout_s: float | None = None,
         processes: ProcessTreeSampler | None = None,
@@ -120,6 +124,7 @@ class Sampler:
                 ("prefill_queue", queue_reader, parse_queue),
                 ("discovery", discovery_stats, parse_discovery),
                 ("planner", planner_status, parse_planner),
+                ("autoscaler", autoscaler_status, parse_autoscaler),
             )
             if fn is not None
         ]
@@ -189,6 +194,7 @@ class Sampler:
             planner=readings.get("planner"),
             health=self.health.snapshot(),
             collection_cpu_seconds_total=self._cpu_total,
+            autoscaler=readings.get("autoscaler"),
         )
         self.latest = snapshot
         if self.after_snapshot is not None:

@@ -130,6 +130,7 @@ def build_exporter(
     queue_reader: SourceFn | None = None,
     discovery_stats: SourceFn | None = None,
     planner_status: SourceFn | None = None,
+    autoscaler_status: SourceFn | None = None,
     interval_s: float = 1.0,
     detail_interval_s: float = 10.0,
     source_timeout_s: float | None = None,
@@ -138,7 +139,8 @@ def build_exporter(
 ) -> Exporter:
     """An exporter over ``reader``; call ``await exporter.start()`` on the connector's loop.
 
-    ``machine_view``, ``queue_reader``, ``discovery_stats`` and ``planner_status`` are
+    ``machine_view``, ``queue_reader``, ``discovery_stats``, ``planner_status`` and
+    ``autoscaler_status`` are
     optional callables returning the dicts described in :mod:`exporter.sources`; sync ones
     must not block (they run on the loop), async ones are awaited with a deadline.
     ``gpu_backend`` is called in a worker thread only. ``detail_interval_s`` bounds how often
@@ -151,6 +153,7 @@ def build_exporter(
         queue_reader=queue_reader,
         discovery_stats=discovery_stats,
         planner_status=planner_status,
+        autoscaler_status=autoscaler_status,
         interval_s=interval_s,
         source_timeout_s=source_timeout_s,
         processes=processes or ProcessTreeSampler(detail_interval_s=detail_interval_s),

@@ -1,9 +1,9 @@
 """Readings from the optional sources other parts of the connector provide as plain dicts.
 
-The exporter does not import the resource manager, the discovery layer, the queue reader or
-the Planner executor; it is handed callables that return dicts, and parses them here into
-typed, immutable readings. A dict of the wrong shape is a failed read with a message naming
-the key, never a silently wrong number.
+The exporter does not import the resource manager, the discovery layer, the queue reader,
+the Planner executor or the ScaledObject policies; it is handed callables that return dicts,
+and parses them here into typed, immutable readings. A dict of the wrong shape is a failed
+read with a message naming the key, never a silently wrong number.
 
 The shapes are in :data:`SOURCE_SHAPES` (also printed in ``docs/metrics.md``).
 """
@@ -41,6 +41,16 @@ SOURCE_SHAPES = """\
  "decision_id": int | None,         # newest decision id seen in etcd; None: no decision
  "decision_seen_at": float | None,  # Unix time it was first seen; required with decision_id
  "acknowledged": int | None}        # newest id acknowledged to that Planner; None: none yet
+
+# ScaledObject policies (health source "autoscaler"): {} while no policy runs (no series);
+# keys not listed are ignored
+{"scaled_objects": [
+   {"scaled_object": str, "component": str,  # metadata.name, the graph service it drives
+    "desired_replicas": int | None,          # None: not evaluated yet
+    "triggers": [{"trigger": str,            # its name, else its index
+                  "value": float | None,     # None: the query failed (or not evaluated yet)
+                  "active": bool | None,     # None: not evaluated yet
+                  "errors_total": int}, ...]}, ...]}
 """
 
 
@@ -90,6 +100,27 @@ class PlannerReading:
     decision_id: int | None  # newest decision id the executor has seen
     decision_seen_at: float | None  # Unix time it first saw it
     acknowledged_id: int | None  # newest id it acknowledged
+
+
+@dataclass(frozen=True)
+class TriggerReading:
+    trigger: str
+    value: float | None  # None: its query failed, or it was not evaluated yet
+    active: bool | None  # None: not evaluated yet
+    errors_total: int
+
+
+@dataclass(frozen=True)
+class ScaledObjectReading:
+    scaled_object: str
+    component: str
+    desired_replicas: int | None  # None: not evaluated yet
+    triggers: tuple[TriggerReading, ...]
+
+
+@dataclass(frozen=True)
+class AutoscalerReading:
+    scaled_objects: tuple[ScaledObjectReading, ...]
 
 
 def _list(data: Mapping[str, Any], key: str, what: str) -> list[Any] | tuple[Any, ...] | None:
@@ -219,3 +250,50 @@ def parse_planner(value: Any) -> PlannerReading | None:
         decision_seen_at=seen_at if decision_id is not None else None,
         acknowledged_id=_count(data, "acknowledged", what),
     )
+
+
+def _name(data: Mapping[str, Any], key: str, what: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise SourceFormatError(f"{what}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(data: Mapping[str, Any], key: str, what: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise SourceFormatError(f"{what}: {key!r} must be true, false or null, got {value!r}")
+    return value
+
+
+def parse_autoscaler(value: Any) -> AutoscalerReading | None:
+    """The policies' status; ``None`` (no series) for ``{}``, which means none runs."""
+    what = "autoscaler status"
+    data = _mapping(value, what)
+    if not data:
+        return None
+    readings: list[ScaledObjectReading] = []
+    for i, raw in enumerate(_list(data, "scaled_objects", what) or ()):
+        where = f"{what}: scaled_objects[{i}]"
+        so = _mapping(raw, where)
+        triggers: list[TriggerReading] = []
+        for j, raw_trigger in enumerate(_list(so, "triggers", where) or ()):
+            twhere = f"{where}: triggers[{j}]"
+            t = _mapping(raw_trigger, twhere)
+            triggers.append(
+                TriggerReading(
+                    trigger=_name(t, "trigger", twhere),
+                    value=_number(t, "value", twhere),
+                    active=_flag(t, "active", twhere),
+                    errors_total=_count(t, "errors_total", twhere) or 0,
+                )
+            )
+        readings.append(
+            ScaledObjectReading(
+                scaled_object=_name(so, "scaled_object", where),
+                component=_name(so, "component", where),
+                desired_replicas=_count(so, "desired_replicas", where),
+                triggers=tuple(triggers),
+            )
+        )
+    return AutoscalerReading(tuple(readings))

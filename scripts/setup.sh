@@ -129,3 +129,24 @@ if [ "$installed" = 0 ]; then
   fi
   echo "$key" > "$stamp"
 fi
+
+# aiperf, NVIDIA's load generator, which `dynamo-local experiment` drives (and the tests that
+# run an experiment): in both modes, in a virtualenv of its own. It cannot share the main one:
+# aiperf 0.13 requires huggingface-hub<2 and the Dynamo set pins huggingface-hub 2.x. The
+# experiment finds it at .venv-aiperf/bin/aiperf (or $AIPERF).
+AIPERF_VENV=${AIPERF_VENV:-.venv-aiperf}
+AIPERF_VERSION=0.13.0
+aiperf_stamp="$AIPERF_VENV/.installed"
+aiperf_key="aiperf==$AIPERF_VERSION-$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')-$(uname -m)"
+if [ ! -f "$aiperf_stamp" ] || [ "$(cat "$aiperf_stamp")" != "$aiperf_key" ]; then
+  if [ ! -x "$AIPERF_VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$AIPERF_VENV"
+  fi
+  "$AIPERF_VENV/bin/python" -m pip install -q --upgrade pip
+  "$AIPERF_VENV/bin/python" -m pip install -q "aiperf==$AIPERF_VERSION"
+  if [ "$("$AIPERF_VENV/bin/aiperf" --version 2>/dev/null | tail -n 1)" != "$AIPERF_VERSION" ]; then
+    echo "setup: aiperf $AIPERF_VERSION is installed in $AIPERF_VENV but does not run" >&2
+    exit 1
+  fi
+  echo "$aiperf_key" > "$aiperf_stamp"
+fi

@@ -302,7 +302,7 @@ def _first_panel(data: dict[str, Any]) -> dict[str, Any]:
         (
             'dynamo_local_exporter_source_up{source="redis"}',
             "dynamo_local_exporter_source_up: source='redis' is not one of "
-            "processes, nvml, discovery, prefill_queue, resources, planner",
+            "processes, nvml, discovery, prefill_queue, resources, planner, autoscaler",
         ),
         (
             'dynamo_local_gpu_power_watts{dynamo_component="x"}',
