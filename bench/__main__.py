@@ -12,6 +12,7 @@ BENCHMARKS = (
     "exporter_bench",
     "api_bench",
     "dynamo_bench",
+    "chaos",
 )
 
 

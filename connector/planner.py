@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import aetcd
 
-from connector.discovery_etcd import etcd_endpoint
+from connector.discovery_etcd import ETCD_CLIENT_OPTIONS, etcd_endpoint
 from connector.errors import (
     ComponentNotFound,
     ConnectorError,
@@ -331,7 +331,9 @@ class VirtualConnectorExecutor:
 
     async def start(self) -> None:
         """Connect, take a lease, pick up a decision left pending, then watch."""
-        self._client = aetcd.Client(self.host, self.port, timeout=self.rpc_timeout_s)
+        self._client = aetcd.Client(
+            self.host, self.port, timeout=self.rpc_timeout_s, options=dict(ETCD_CLIENT_OPTIONS)
+        )
         try:
             await self._grant_lease()
             revision = await self._load_baseline()

@@ -159,6 +159,17 @@ class Reconciler(Adoption):
         comp = self.component_record(name)
         recs = self.state.replicas_of(name)
         now = time.time()
+        for rec in recs:
+            # A start or stop whose task died half-way (its state write failed: disk full, a
+            # read-only dir) has no task left: the record would stay spawning or stopping
+            # forever. A stop is finished; a start is tried again like a restart.
+            if rec.watcher in self._tasks:
+                continue
+            if rec.phase == "stopping":
+                self.begin_stop(rec, op, "an interrupted stop, resumed")
+            elif rec.phase == "spawning" and not comp.crashloop:
+                rec.phase = "backoff"
+                rec.restart_at = now
         if not comp.crashloop:
             for rec in recs:
                 if (

@@ -193,7 +193,11 @@ class EtcdRegistration(Registration):
     async def register(self) -> int:
         import aetcd
 
-        self._client = aetcd.Client(self.host, self.port, timeout=ETCD_RPC_TIMEOUT_S)
+        from connector.discovery_etcd import ETCD_CLIENT_OPTIONS
+
+        self._client = aetcd.Client(
+            self.host, self.port, timeout=ETCD_RPC_TIMEOUT_S, options=dict(ETCD_CLIENT_OPTIONS)
+        )
         try:
             lease = await asyncio.wait_for(
                 self._client.lease(self.cfg.lease_ttl_s), ETCD_RPC_TIMEOUT_S
