@@ -120,6 +120,7 @@ NO_THROTTLE = "the captured GPU reports no active clock-event (throttle) reason"
 NEEDS_NATS = "needs the NATS JetStream prefill queue (up --nats-url); the demo has none"
 NEEDS_PLANNER = "needs a Planner decision (virtual-connector executor with etcd)"
 NO_ITL = "the mock frontend exports no inter-token latency (it streams no tokens)"
+NEEDS_POLICY = "needs a KEDA ScaledObject (up --scaledobject); the demo runs none"
 
 # The ONE allow-list: query key (see _dashboard_key, _rule_key) -> why it has no data here.
 NO_DATA: dict[str, str] = {
@@ -159,6 +160,13 @@ NO_DATA: dict[str, str] = {
     "dynamo-local-overview | panel 'Inter-token latency' target B": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target A": NO_ITL,
     "dynamo-local-scaling | panel 'Inter-token latency' target B": NO_ITL,
+    # Policies (tests/test_policy_e2e.py has them with data).
+    "dynamo-local-scaling | panel 'Policy count vs replica target' target A": NEEDS_POLICY,
+    "dynamo-local-scaling | panel 'Policy count vs replica target' target B": NEEDS_POLICY,
+    "dynamo-local-scaling | panel 'Trigger query failures' target A": NEEDS_POLICY,
+    "dynamo-local-scaling | panel 'Trigger query failures' target B": NEEDS_POLICY,
+    "dynamo-local-scaling | panel 'Trigger values' target A": NEEDS_POLICY,
+    "dynamo-local-scaling | panel 'Triggers active' target A": NEEDS_POLICY,
 }
 
 
