@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -237,13 +238,7 @@ class Sampler:
             phase=load.phase,
             target_concurrency=load.concurrency,
             target_request_rate=load.request_rate,
-            request_rate=fig.request_rate,
-            errors_per_s=fig.errors_per_s,
-            inflight=fig.inflight,
-            ttft_p50_s=fig.ttft_p50_s,
-            ttft_p99_s=fig.ttft_p99_s,
-            itl_p50_s=fig.itl_p50_s,
-            itl_p99_s=fig.itl_p99_s,
+            **dataclasses.asdict(fig),
             components=components,
             events=tuple(describe_event(e) for e in timeline_events(events or [])),
         )

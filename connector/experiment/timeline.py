@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector.experiment.metrics import Figures
+
 FIXED_COLUMNS = (
     "t_s",
     "time",
@@ -49,20 +51,16 @@ class ComponentSample:
     rss_bytes: int | None = None
 
 
-@dataclass(frozen=True)
-class Sample:
+@dataclass(frozen=True, kw_only=True)
+class Sample(Figures):
+    """One timeline row: the frontend's figures (:class:`metrics.Figures`, inherited, so a
+    figure is named once) plus the time, the load asked for and each component's state."""
+
     t: float
     time: float
     phase: str = ""
     target_concurrency: float | None = None
     target_request_rate: float | None = None
-    request_rate: float | None = None
-    errors_per_s: float | None = None
-    inflight: float | None = None
-    ttft_p50_s: float | None = None
-    ttft_p99_s: float | None = None
-    itl_p50_s: float | None = None
-    itl_p99_s: float | None = None
     components: Mapping[str, ComponentSample] = field(default_factory=dict)
     events: tuple[str, ...] = ()
 
