@@ -34,6 +34,7 @@ from connector.errors import (
     ResourcesExhausted,
 )
 from connector.events import EventLog
+from connector.planner import Scaler
 from connector.policy import keda
 from connector.policy.binding import BoundPolicy
 from connector.policy.explain import explain
@@ -44,24 +45,15 @@ from connector.view import ConnectorView
 log = logging.getLogger(__name__)
 
 
-class PolicyHost(Protocol):
-    """What a driver needs of the connector (LocalConnector is one)."""
+class PolicyHost(Scaler, Protocol):
+    """What a driver needs of the connector (LocalConnector is one): it scales as the
+    Planner's decisions do (:class:`connector.planner.Scaler`)."""
 
     events: EventLog
 
     def view(self) -> ConnectorView: ...
 
     async def wait_started(self) -> bool: ...
-
-    async def scale_component(
-        self,
-        name: str,
-        replicas: int,
-        blocking: bool = True,
-        timeout_s: float | None = None,
-        source: str = "api",
-        decision_id: int | None = None,
-    ) -> bool: ...
 
 
 class Querier(Protocol):

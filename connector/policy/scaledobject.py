@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from connector.errors import GraphError, ScaledObjectError
 from connector.graph_loader import parse_yaml
+from connector.graph_reader import describe
 from connector.policy.hpa import (
     DEFAULT_SCALE_DOWN,
     DEFAULT_SCALE_UP,
@@ -183,16 +184,6 @@ class ScaledObject:
         return self.idle_replicas if self.idle_replicas is not None else self.min_replicas
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"
-
-
 class _Reader:
     """Typed access to the raw mapping; every failure is ``origin: path: reason``."""
 
@@ -215,10 +206,10 @@ class _Reader:
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
-            self.fail(path, f"must be a mapping, got {_describe(value)}")
+            self.fail(path, f"must be a mapping, got {describe(value)}")
         for key in value:
             if not isinstance(key, str):
-                self.fail(path, f"keys must be strings, got {_describe(key)}")
+                self.fail(path, f"keys must be strings, got {describe(key)}")
             if key not in allowed:
                 where = f"{path}.{key}" if path else key
                 reason = _WHY.get(key, why)
@@ -227,12 +218,12 @@ class _Reader:
 
     def string(self, value: object, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            self.fail(path, f"must be a non-empty string, got {_describe(value)}")
+            self.fail(path, f"must be a non-empty string, got {describe(value)}")
         return value
 
     def integer(self, value: object, path: str, low: int, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"must be an integer, got {_describe(value)}")
+            self.fail(path, f"must be an integer, got {describe(value)}")
         if value < low:
             self.fail(path, f"must be >= {low}, got {value}")
         if high is not None and value > high:
@@ -251,9 +242,9 @@ class _Reader:
             except ValueError:
                 number = None
         if number is None or not math.isfinite(number):
-            self.fail(path, f"must be a number, got {_describe(value)}")
+            self.fail(path, f"must be a number, got {describe(value)}")
         if positive and number <= 0:
-            self.fail(path, f"must be > 0, got {_describe(value)}")
+            self.fail(path, f"must be > 0, got {describe(value)}")
         return number
 
     def boolean(self, value: object, path: str) -> bool:
@@ -261,7 +252,7 @@ class _Reader:
             return value
         if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
             return value.strip().lower() in _TRUE
-        self.fail(path, f"must be true or false, got {_describe(value)}")
+        self.fail(path, f"must be true or false, got {describe(value)}")
 
     def pairs(self, value: object, path: str) -> tuple[tuple[str, str], ...]:
         """KEDA's ``key=value,key2=value2`` lists (customHeaders, queryParameters)."""
@@ -290,10 +281,10 @@ def _metadata(r: _Reader, raw: object) -> tuple[str, str | None, tuple[tuple[str
         namespace = r.string(namespace, "metadata.namespace")
     labels = meta.get("labels") or {}
     if not isinstance(labels, Mapping):
-        r.fail("metadata.labels", f"must be a mapping, got {_describe(labels)}")
+        r.fail("metadata.labels", f"must be a mapping, got {describe(labels)}")
     annotations = meta.get("annotations") or {}
     if not isinstance(annotations, Mapping):
-        r.fail("metadata.annotations", f"must be a mapping, got {_describe(annotations)}")
+        r.fail("metadata.annotations", f"must be a mapping, got {describe(annotations)}")
     for key in annotations:
         if "keda.sh/" in str(key):
             # Pausing and HPA ownership change what KEDA does: not honoured, so refused.
@@ -321,14 +312,14 @@ def _target(r: _Reader, raw: object) -> TargetRef:
     if kind != DEFAULT_TARGET_KIND[1]:
         r.fail(
             f"{path}.kind",
-            f"{_describe(kind)} is not supported here (only the default, Deployment, naming a "
+            f"{describe(kind)} is not supported here (only the default, Deployment, naming a "
             f"graph service, or {ADAPTER_KIND})",
         )
     api_version = api_version if api_version is not None else DEFAULT_TARGET_KIND[0]
     if api_version != DEFAULT_TARGET_KIND[0]:
         r.fail(
             f"{path}.apiVersion",
-            f"{_describe(api_version)} is not supported here (only apps/v1 for a Deployment)",
+            f"{describe(api_version)} is not supported here (only apps/v1 for a Deployment)",
         )
     return TargetRef(DEFAULT_TARGET_KIND[0], DEFAULT_TARGET_KIND[1], name)
 
@@ -352,21 +343,21 @@ def _rules(r: _Reader, raw: object, path: str, default: ScalingRules) -> Scaling
         if value not in tuple(SelectPolicy):
             r.fail(
                 f"{path}.selectPolicy",
-                f"must be one of Max, Min, Disabled, got {_describe(value)}",
+                f"must be one of Max, Min, Disabled, got {describe(value)}",
             )
         select = SelectPolicy(value)
     raw_policies = rules.get("policies")
     if raw_policies is None or raw_policies == []:
         return ScalingRules(window, default.policies, select)  # Kubernetes' defaulting
     if not isinstance(raw_policies, list):
-        r.fail(f"{path}.policies", f"must be a list, got {_describe(raw_policies)}")
+        r.fail(f"{path}.policies", f"must be a list, got {describe(raw_policies)}")
     policies: list[ScalingPolicy] = []
     for i, raw_policy in enumerate(raw_policies):
         ppath = f"{path}.policies[{i}]"
         policy = r.mapping(raw_policy, ppath, _POLICY)
         kind = policy.get("type")
         if kind not in tuple(PolicyType):
-            r.fail(f"{ppath}.type", f"must be Pods or Percent, got {_describe(kind)}")
+            r.fail(f"{ppath}.type", f"must be Pods or Percent, got {describe(kind)}")
         value = r.integer(policy.get("value"), f"{ppath}.value", 1)
         period = r.integer(
             policy.get("periodSeconds"), f"{ppath}.periodSeconds", 1, MAX_POLICY_PERIOD_S
@@ -414,11 +405,11 @@ def _server_address(r: _Reader, value: object, path: str) -> str:
 def _trigger(r: _Reader, raw: object, index: int) -> PrometheusTrigger:
     path = f"spec.triggers[{index}]"
     if not isinstance(raw, Mapping):
-        r.fail(path, f"must be a mapping, got {_describe(raw)}")
+        r.fail(path, f"must be a mapping, got {describe(raw)}")
     kind = raw.get("type")
     if kind != "prometheus":
         if not isinstance(kind, str) or not kind:
-            r.fail(f"{path}.type", f"is required, got {_describe(kind)}")
+            r.fail(f"{path}.type", f"is required, got {describe(kind)}")
         r.fail(f"{path}.type", f"{kind!r} is not supported here (only prometheus)")
     trigger = r.mapping(raw, path, _TRIGGER)
     name = trigger.get("name")
@@ -430,7 +421,7 @@ def _trigger(r: _Reader, raw: object, index: int) -> PrometheusTrigger:
         if value not in tuple(MetricType):
             r.fail(
                 f"{path}.metricType",
-                f"{_describe(value)} is not supported here (only AverageValue, the default, "
+                f"{describe(value)} is not supported here (only AverageValue, the default, "
                 "and Value)",
             )
         metric_type = MetricType(value)
@@ -514,9 +505,9 @@ def parse_scaled_object(raw: object, origin: str) -> ScaledObject:
     r = _Reader(origin)
     top = r.mapping(raw, "", _TOP)
     if top.get("apiVersion") != API_VERSION:
-        r.fail("apiVersion", f"must be {API_VERSION}, got {_describe(top.get('apiVersion'))}")
+        r.fail("apiVersion", f"must be {API_VERSION}, got {describe(top.get('apiVersion'))}")
     if top.get("kind") != KIND:
-        r.fail("kind", f"{_describe(top.get('kind'))} is not supported here (only {KIND})")
+        r.fail("kind", f"{describe(top.get('kind'))} is not supported here (only {KIND})")
     name, namespace, labels = _metadata(r, top.get("metadata"))
     if top.get("spec") is None:
         r.fail("spec", "is required")
@@ -556,7 +547,7 @@ def parse_scaled_object(raw: object, origin: str) -> ScaledObject:
             )
     raw_triggers = spec.get("triggers")
     if not isinstance(raw_triggers, list) or not raw_triggers:
-        r.fail("spec.triggers", f"must be a non-empty list, got {_describe(raw_triggers)}")
+        r.fail("spec.triggers", f"must be a non-empty list, got {describe(raw_triggers)}")
     triggers = tuple(_trigger(r, t, i) for i, t in enumerate(raw_triggers))
     names = [t.name for t in triggers if t.name is not None]
     if len(names) != len(set(names)):
