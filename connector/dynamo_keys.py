@@ -1,6 +1,6 @@
 """Dynamo's discovery formats: keys, values and the file backend's layout.
 
-One place knows how Dynamo names an instance (DESIGN.md §3, verified against
+One place knows how Dynamo names an instance (verified against
 ai-dynamo-runtime 1.6.1): the mock worker writes with these functions and the discovery
 watcher reads with them, so the two can never disagree.
 

@@ -26,10 +26,10 @@ from connector.errors import DiscoveryUnavailable
 from connector.events import EventLog
 from connector.graph import Graph, SubComponentType
 from connector.options import ConnectorOptions
-from connector.planner import (
+from connector.planner import VirtualConnectorExecutor
+from connector.planner_targets import (
     DecisionOutcome,
     Scaler,
-    VirtualConnectorExecutor,
     apply_decision,
     resolve_component,
 )

@@ -25,7 +25,7 @@ from connector.errors import (
     ScaleTimeout,
 )
 from connector.graph import Graph, Role, Service, SubComponentType
-from connector.planner import TargetReplica, resolve_component, resolve_targets
+from connector.planner_targets import TargetReplica, resolve_component, resolve_targets
 from connector.view import ConnectorView
 
 # Flags by which Dynamo's workers name the model they serve, most specific first.

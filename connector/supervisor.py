@@ -1,11 +1,11 @@
 """Everything Circus: the circusd process the connector owns, and one serialized command channel.
 
-Why our own client (DESIGN.md §4): Circus runs one state-changing command at a time and
-answers concurrent ones with errno 5 ("arbiter is already running ... command"); its async
-client applies no timeout and hangs on overlapping calls. So every command goes through
-:class:`CircusChannel`: one call at a time over a zmq DEALER socket, a deadline on each call,
-retry with jitter on "busy", and :class:`SupervisorUnavailable` instead of a hang when circusd
-is gone.
+Why our own client (docs/ARCHITECTURE.md, "Why not Circus's own features"): Circus runs one
+state-changing command at a time and answers concurrent ones with errno 5 ("arbiter is
+already running ... command"); its async client applies no timeout and hangs on overlapping
+calls. So every command goes through :class:`CircusChannel`: one call at a time over a zmq
+DEALER socket, a deadline on each call, retry with jitter on "busy", and
+:class:`SupervisorUnavailable` instead of a hang when circusd is gone.
 
 circusd runs as a separate process in its own session (an in-process arbiter would take over
 the host's signal handlers). It outlives a SIGKILLed connector on purpose: the next connector

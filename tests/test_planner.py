@@ -11,7 +11,7 @@ import pytest
 
 from connector.errors import ComponentNotFound, CrashLoop, GraphError, ResourcesExhausted
 from connector.graph import Graph, Readiness, ReadinessKind, Role, Service
-from connector.planner import (
+from connector.planner_targets import (
     DecisionOutcome,
     SubComponentType,
     TargetReplica,

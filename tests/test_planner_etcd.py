@@ -15,7 +15,8 @@ import aetcd
 import pytest
 
 from connector.events import EventLog
-from connector.planner import DecisionOutcome, SeenDecision, VirtualConnectorExecutor
+from connector.planner import SeenDecision, VirtualConnectorExecutor
+from connector.planner_targets import DecisionOutcome
 from exporter.exposition import Format
 from exporter.process_tree import ProcessTreeSampler
 from exporter.service import Exporter, build_exporter

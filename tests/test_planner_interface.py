@@ -10,8 +10,8 @@ import pytest
 
 from connector.errors import ComponentNotFound, GraphError, InvalidReplicas, ScaleTimeout
 from connector.graph import Graph, ResourceRequest, Role, Service
-from connector.planner import SubComponentType, TargetReplica
 from connector.planner_interface import PlannerConnectorMixin, model_name_of
+from connector.planner_targets import SubComponentType, TargetReplica
 from connector.view import ComponentView, ConnectorView, ReplicaView
 
 

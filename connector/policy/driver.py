@@ -34,7 +34,7 @@ from connector.errors import (
     ResourcesExhausted,
 )
 from connector.events import EventLog
-from connector.planner import Scaler
+from connector.planner_targets import Scaler
 from connector.policy import keda
 from connector.policy.binding import BoundPolicy
 from connector.policy.explain import explain
