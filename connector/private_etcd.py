@@ -53,6 +53,25 @@ STOP_TIMEOUT_S = 10.0
 START_ATTEMPTS = 3
 
 
+def etcd_argv(program: str, name: str, data_dir: Path, client_url: str, peer_url: str) -> list[str]:
+    """A single-member etcd serving ``client_url``, its one peer on ``peer_url``: what the
+    private etcd runs, and what the tests' etcd runs too."""
+    return [
+        program,
+        *("--name", name),
+        *("--data-dir", str(data_dir)),
+        *("--listen-client-urls", client_url),
+        *("--advertise-client-urls", client_url),
+        *("--listen-peer-urls", peer_url),
+        *("--initial-advertise-peer-urls", peer_url),
+        *("--initial-cluster", f"{name}={peer_url}"),
+        # One member on loopback: elect itself leader at once instead of after ~1 s.
+        *("--heartbeat-interval", "10"),
+        *("--election-timeout", "100"),
+        *("--log-level", "warn"),
+    ]
+
+
 class PrivateEtcdError(Exception):
     """The private etcd could not be started; the message is one line."""
 
@@ -170,30 +189,7 @@ class PrivateEtcd:
     def _spawn(self, program: str) -> str:
         client = f"http://{HOST}:{_free_port()}"
         peer = f"http://{HOST}:{_free_port()}"
-        argv = [
-            program,
-            "--name",
-            "dynamo-local",
-            "--data-dir",
-            str(self.data_dir),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"dynamo-local={peer}",
-            # One member on loopback: elect itself leader at once instead of after ~1 s.
-            "--heartbeat-interval",
-            "10",
-            "--election-timeout",
-            "100",
-            "--log-level",
-            "warn",
-        ]
+        argv = etcd_argv(program, "dynamo-local", self.data_dir, client, peer)
         with self.log_path.open("ab") as log:
             proc = subprocess.Popen(
                 argv,

@@ -58,10 +58,11 @@ from connector.tiny_model import write_tiny_model
 from tests.servers import (
     LOOPBACK,
     STOP_TIMEOUT_S,
-    _die_with_parent,
     free_port,
     log_tail,
+    spawn,
     stop_process_tree,
+    wait_ready,
 )
 
 # The model name the tiny model is served under (its folder name too).
@@ -243,42 +244,22 @@ class DynamoProcess:
         """Start and wait until :meth:`ready`; an exit meanwhile (with any code: a worker
         whose port is taken exits 0) or the deadline stops it and raises
         :class:`DynamoStartError`."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                _die_with_parent(self.argv),
-                cwd=self.workdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        self.proc = spawn(self.argv, cwd=self.workdir, log_path=self.log_path, env=self.env)
+        try:
+            wait_ready(
+                self.proc,
+                self.name,
+                log_path=self.log_path,
+                ready=self.ready,
+                timeout=timeout,
+                error=DynamoStartError,
+                fatal=DynamoStartError,
+                interval=0.05,
+                tail=lambda path: _ANSI.sub("", log_tail(path)),
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                self.proc = None
-                raise DynamoStartError(
-                    f"{self.name} exited with code {code} while starting; "
-                    f"log tail ({self.log_path}):\n{self.log_tail()}"
-                )
-            try:
-                if self.ready():
-                    return
-            except DynamoStartError as exc:
-                self.stop()
-                raise DynamoStartError(
-                    f"{self.name}: {exc}; log tail ({self.log_path}):\n{self.log_tail()}"
-                ) from None
-            except Exception:
-                pass
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise DynamoStartError(
-                    f"{self.name} was not ready within {timeout} s; "
-                    f"log tail ({self.log_path}):\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+        except DynamoStartError:
+            self.proc = None
+            raise
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the process tree, SIGKILL what is left after ``timeout``, reap it."""

@@ -34,6 +34,8 @@ import aiohttp
 import psutil
 import pytest
 
+from connector.private_etcd import etcd_argv
+
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 START_TIMEOUT_S = 15.0
@@ -46,6 +48,62 @@ START_ATTEMPTS = 3
 
 class ServerStartError(RuntimeError):
     """A server did not come up; the message holds the reason and the tail of its log."""
+
+
+def spawn(
+    argv: Sequence[str], *, cwd: Path, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session, dying with this process, output to ``log_path``."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            _die_with_parent(list(argv)),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    name: str,
+    *,
+    log_path: Path,
+    ready: Callable[[], bool],
+    timeout: float,
+    error: type[Exception],
+    fatal: type[Exception] | None = None,
+    interval: float = 0.02,
+    tail: Callable[[Path], str] | None = None,
+) -> None:
+    """Poll ``ready`` until it answers true. An exit meanwhile, whatever its code, or the
+    deadline stops the process tree and raises ``error`` with the log's tail; ``ready``
+    raising ``fatal`` does the same at once; any other exception counts as not ready.
+    ``tail`` renders the log's tail for those errors (default: :func:`log_tail`)."""
+    last = tail or log_tail
+    deadline = time.monotonic() + timeout
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise error(
+                f"{name} exited with code {code} while starting; "
+                f"log tail ({log_path}):\n{last(log_path)}"
+            )
+        try:
+            if ready():
+                return
+        except Exception as exc:
+            if fatal is not None and isinstance(exc, fatal):
+                stop_process_tree(proc)
+                raise error(f"{name}: {exc}; log tail ({log_path}):\n{last(log_path)}") from None
+        if time.monotonic() >= deadline:
+            stop_process_tree(proc)
+            raise error(
+                f"{name} was not ready within {timeout} s; log tail ({log_path}):\n{last(log_path)}"
+            )
+        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -216,36 +274,19 @@ class ServerProcess:
                     raise
 
     def _start_once(self, timeout: float) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                _die_with_parent(self.argv()),
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        self.proc = spawn(self.argv(), cwd=self.workdir, log_path=self.log_path)
+        try:
+            wait_ready(
+                self.proc,
+                self.name,
+                log_path=self.log_path,
+                ready=self.ready,
+                timeout=timeout,
+                error=ServerStartError,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                self.proc = None
-                raise ServerStartError(
-                    f"{self.name} exited with code {code} while starting; "
-                    f"log tail ({self.log_path}):\n{log_tail(self.log_path)}"
-                )
-            try:
-                if self.ready():
-                    return
-            except Exception:
-                pass
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise ServerStartError(
-                    f"{self.name} was not ready within {timeout} s; "
-                    f"log tail ({self.log_path}):\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.02)
+        except ServerStartError:
+            self.proc = None
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -301,29 +342,7 @@ class EtcdServer(ServerProcess):
 
     def argv(self) -> list[str]:
         peer = f"http://{LOOPBACK}:{self.peer_port}"
-        return [
-            "etcd",
-            "--name",
-            "test",
-            "--data-dir",
-            str(self.workdir / "data"),
-            "--listen-client-urls",
-            self.url,
-            "--advertise-client-urls",
-            self.url,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"test={peer}",
-            "--heartbeat-interval",
-            "10",
-            "--election-timeout",
-            "100",
-            "--log-level",
-            "warn",
-        ]
+        return etcd_argv("etcd", "test", self.workdir / "data", self.url, peer)
 
     def ready(self) -> bool:
         status, body = _http_get(f"{self.url}/health")
