@@ -168,7 +168,9 @@ class Up:
             return samples(await resp.text())
 
 
-def _prometheus(factory: PrometheusFactory, port: int) -> PrometheusServer:
+def http_sd_prometheus(factory: PrometheusFactory, port: int) -> PrometheusServer:
+    """A real Prometheus scraping every target the connector on ``port`` lists at
+    ``/v1/prometheus/targets`` (http_sd), every second."""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
@@ -329,7 +331,7 @@ async def test_policies_drive_components_from_a_real_prometheus(
     tmp_path: Path, prometheus_server: PrometheusFactory
 ) -> None:
     port = free_port()
-    prom = _prometheus(prometheus_server, port)
+    prom = http_sd_prometheus(prometheus_server, port)
     objects = [_work_a(prom.url), _work_b(prom.url), _work_c(prom.url)]
     async with up_running(tmp_path, port, objects) as up:
         assert [line.split()[:2] for line in up.lines if "policy" in line.split()[:1]] == [
@@ -452,7 +454,7 @@ async def test_a_dry_run_records_what_it_would_do_and_scales_nothing(
     tmp_path: Path, prometheus_server: PrometheusFactory
 ) -> None:
     port = free_port()
-    prom = _prometheus(prometheus_server, port)
+    prom = http_sd_prometheus(prometheus_server, port)
     async with up_running(tmp_path, port, [_work_a(prom.url)], "--dry-run") as up:
         assert any(
             line.strip().startswith("policy       work-a") and "dry run" in line

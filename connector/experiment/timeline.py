@@ -107,7 +107,9 @@ def _num(value: float | int | None, digits: int = 6) -> str:
 
 
 def describe_event(event: Mapping[str, Any]) -> str:
-    """One event as a timeline cell: ``scale Decode 1→2 (planner) ok in 6.1 s``."""
+    """One event as a timeline cell: ``scale Decode 1→2 (planner) ok in 6.1 s``. A policy's
+    ``autoscale`` decision keeps its reason, which says why (the trigger's value against its
+    target, what limited the step), as a Planner decision keeps its own."""
     kind = str(event.get("kind", "?"))
     who = event.get("replica") or event.get("component") or ""
     parts = [kind, str(who)] if who else [kind]
@@ -125,7 +127,7 @@ def describe_event(event: Mapping[str, Any]) -> str:
         parts.append(str(event["outcome"]))
     if isinstance(event.get("duration_s"), int | float):
         parts.append(f"in {event['duration_s']:.1f} s")
-    if event.get("reason") and kind in ("exit", "crashloop", "decision", "scale"):
+    if event.get("reason") and kind in ("exit", "crashloop", "decision", "autoscale", "scale"):
         parts.append(f"— {event['reason']}")
     return " ".join(parts)
 
