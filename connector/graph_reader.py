@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from connector.errors import GraphError
+from connector.errors import ConnectorError, GraphError
 
 log = logging.getLogger("connector.graph")
 
@@ -30,7 +30,12 @@ def choices(values: Iterable[str]) -> str:
 
 
 class Reader:
-    """Typed access to the raw mapping; every failure names ``origin: path: reason``."""
+    """Typed access to the raw mapping; every failure names ``origin: path: reason``.
+
+    Raises :class:`GraphError` for a graph; a reader of another file kind (a ScaledObject,
+    an experiment plan) sets :attr:`error` to its own error type and keeps the rest."""
+
+    error: type[ConnectorError] = GraphError
 
     def __init__(self, origin: str) -> None:
         self.origin = origin
@@ -42,7 +47,7 @@ class Reader:
         if self.service is not None:
             details["service"] = self.service
         prefix = f"{path}: " if path else ""
-        raise GraphError(f"{self.origin}: {prefix}{reason}", **details)
+        raise self.error(f"{self.origin}: {prefix}{reason}", **details)
 
     def warn(self, path: str, reason: str) -> None:
         message = f"{self.origin}: {path}: {reason}"
@@ -87,11 +92,13 @@ class Reader:
             return str(value)
         self.fail(path, f"must be a string, got {describe(value)}")
 
-    def integer(self, value: object, path: str, *, minimum: int) -> int:
+    def integer(self, value: object, path: str, *, minimum: int, maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(path, f"must be an integer, got {describe(value)}")
         if value < minimum:
             self.fail(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(path, f"must be <= {maximum}, got {value}")
         return value
 
     def seconds(self, value: object, path: str, *, positive: bool) -> float:

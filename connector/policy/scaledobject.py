@@ -12,6 +12,11 @@ Two ``scaleTargetRef`` kinds are read: the default (``apps/v1`` ``Deployment``),
 (``nvidia.com/v1alpha1`` or ``v1beta1``), named ``{graph}-{service in lowercase}`` as the
 Dynamo operator names the adapter of each service; :mod:`connector.policy.binding`
 resolves either against the graph.
+
+Over 500 lines on purpose: the keys each section honours, the reason each refused key is
+given (:data:`_WHY`) and the readers of those sections are one table, read top to bottom
+against KEDA's spec page; split, a refusal's reason would sit apart from the reader that
+refuses it. The typed reading itself is the graph's :class:`~connector.graph_reader.Reader`.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 from connector.errors import GraphError, ScaledObjectError
 from connector.graph_loader import parse_yaml
-from connector.graph_reader import describe
+from connector.graph_reader import Reader, describe, join_path
 from connector.policy.hpa import (
     DEFAULT_SCALE_DOWN,
     DEFAULT_SCALE_UP,
@@ -184,51 +189,35 @@ class ScaledObject:
         return self.idle_replicas if self.idle_replicas is not None else self.min_replicas
 
 
-class _Reader:
-    """Typed access to the raw mapping; every failure is ``origin: path: reason``."""
+class _Reader(Reader):
+    """The graph's reader, raising :class:`ScaledObjectError`, with KEDA's readings: strict
+    mappings (an unknown key is refused, never ignored), numbers and booleans as KEDA's
+    metadata strings, ``key=value`` lists. Warnings are kept for ``up`` to print."""
 
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-        self.warnings: list[str] = []
-
-    def fail(self, path: str, reason: str) -> NoReturn:
-        where = f"{path}: " if path else ""
-        raise ScaledObjectError(f"{self.origin}: {where}{reason}", source=self.origin, field=path)
+    error = ScaledObjectError
 
     def warn(self, path: str, reason: str) -> None:
         self.warnings.append(f"{self.origin}: {path}: {reason}")
 
-    def mapping(
+    def mapping_of(
         self, value: object, path: str, allowed: Sequence[str], why: str | None = None
     ) -> Mapping[str, Any]:
         """``value`` as a mapping whose keys are all in ``allowed``; another key is refused
         with ``why`` (else the reason :data:`_WHY` has for it, if any)."""
-        if value is None:
-            value = {}
-        if not isinstance(value, Mapping):
-            self.fail(path, f"must be a mapping, got {describe(value)}")
-        for key in value:
-            if not isinstance(key, str):
-                self.fail(path, f"keys must be strings, got {describe(key)}")
+        found = self.mapping(value, path)
+        for key in found:
             if key not in allowed:
-                where = f"{path}.{key}" if path else key
                 reason = _WHY.get(key, why)
-                self.fail(where, f"not supported here ({reason})" if reason else NOT_SUPPORTED)
-        return value
+                self.fail(
+                    join_path(path, key),
+                    f"not supported here ({reason})" if reason else NOT_SUPPORTED,
+                )
+        return found
 
-    def string(self, value: object, path: str) -> str:
-        if not isinstance(value, str) or not value.strip():
+    def string(self, value: object, path: str, pattern: re.Pattern[str] | None = None) -> str:
+        if isinstance(value, str) and not value.strip():
             self.fail(path, f"must be a non-empty string, got {describe(value)}")
-        return value
-
-    def integer(self, value: object, path: str, low: int, high: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"must be an integer, got {describe(value)}")
-        if value < low:
-            self.fail(path, f"must be >= {low}, got {value}")
-        if high is not None and value > high:
-            self.fail(path, f"must be <= {high}, got {value}")
-        return value
+        return super().string(value, path, pattern)
 
     def number(self, value: object, path: str, *, positive: bool = False) -> float:
         """A trigger number: KEDA's metadata values are strings ('100.50'); a bare YAML
@@ -267,7 +256,7 @@ class _Reader:
 
 
 def _metadata(r: _Reader, raw: object) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
-    meta = r.mapping(
+    meta = r.mapping_of(
         raw, "metadata", _METADATA, why="only name, namespace, labels and annotations are read"
     )
     name = r.string(meta.get("name"), "metadata.name")
@@ -296,7 +285,7 @@ def _target(r: _Reader, raw: object) -> TargetRef:
     path = "spec.scaleTargetRef"
     if raw is None:
         r.fail(path, "is required")
-    ref = r.mapping(raw, path, _TARGET)
+    ref = r.mapping_of(raw, path, _TARGET)
     name = r.string(ref.get("name"), f"{path}.name")
     kind = ref.get("kind", DEFAULT_TARGET_KIND[1])
     api_version = ref.get("apiVersion")
@@ -328,14 +317,14 @@ def _rules(r: _Reader, raw: object, path: str, default: ScalingRules) -> Scaling
     """One direction of ``behavior``; what it leaves out is Kubernetes' default for it."""
     if raw is None:
         return default
-    rules = r.mapping(raw, path, _RULES)
+    rules = r.mapping_of(raw, path, _RULES)
     window = default.stabilization_window_s
     if "stabilizationWindowSeconds" in rules:
         window = r.integer(
             rules["stabilizationWindowSeconds"],
             f"{path}.stabilizationWindowSeconds",
-            0,
-            MAX_STABILIZATION_WINDOW_S,
+            minimum=0,
+            maximum=MAX_STABILIZATION_WINDOW_S,
         )
     select = SelectPolicy.MAX
     if "selectPolicy" in rules:
@@ -354,13 +343,16 @@ def _rules(r: _Reader, raw: object, path: str, default: ScalingRules) -> Scaling
     policies: list[ScalingPolicy] = []
     for i, raw_policy in enumerate(raw_policies):
         ppath = f"{path}.policies[{i}]"
-        policy = r.mapping(raw_policy, ppath, _POLICY)
+        policy = r.mapping_of(raw_policy, ppath, _POLICY)
         kind = policy.get("type")
         if kind not in tuple(PolicyType):
             r.fail(f"{ppath}.type", f"must be Pods or Percent, got {describe(kind)}")
-        value = r.integer(policy.get("value"), f"{ppath}.value", 1)
+        value = r.integer(policy.get("value"), f"{ppath}.value", minimum=1)
         period = r.integer(
-            policy.get("periodSeconds"), f"{ppath}.periodSeconds", 1, MAX_POLICY_PERIOD_S
+            policy.get("periodSeconds"),
+            f"{ppath}.periodSeconds",
+            minimum=1,
+            maximum=MAX_POLICY_PERIOD_S,
         )
         policies.append(ScalingPolicy(PolicyType(kind), value, period))
     return ScalingRules(window, tuple(policies), select)
@@ -368,7 +360,7 @@ def _rules(r: _Reader, raw: object, path: str, default: ScalingRules) -> Scaling
 
 def _advanced(r: _Reader, raw: object) -> Behavior:
     path = "spec.advanced"
-    advanced = r.mapping(raw, path, _ADVANCED)
+    advanced = r.mapping_of(raw, path, _ADVANCED)
     if "restoreToOriginalReplicaCount" in advanced:
         restore = r.boolean(
             advanced["restoreToOriginalReplicaCount"], f"{path}.restoreToOriginalReplicaCount"
@@ -379,7 +371,7 @@ def _advanced(r: _Reader, raw: object) -> Behavior:
                 "true is not supported here (a policy lives as long as `dynamo-local up`, "
                 "whose replicas all stop with it: there is no original count to restore)",
             )
-    hpa = r.mapping(
+    hpa = r.mapping_of(
         advanced.get("horizontalPodAutoscalerConfig"),
         f"{path}.horizontalPodAutoscalerConfig",
         _HPA_CONFIG,
@@ -387,7 +379,7 @@ def _advanced(r: _Reader, raw: object) -> Behavior:
     if "name" in hpa:
         r.string(hpa["name"], f"{path}.horizontalPodAutoscalerConfig.name")
     bpath = f"{path}.horizontalPodAutoscalerConfig.behavior"
-    behavior = r.mapping(hpa.get("behavior"), bpath, _BEHAVIOR)
+    behavior = r.mapping_of(hpa.get("behavior"), bpath, _BEHAVIOR)
     return Behavior(
         scale_up=_rules(r, behavior.get("scaleUp"), f"{bpath}.scaleUp", DEFAULT_SCALE_UP),
         scale_down=_rules(r, behavior.get("scaleDown"), f"{bpath}.scaleDown", DEFAULT_SCALE_DOWN),
@@ -411,7 +403,7 @@ def _trigger(r: _Reader, raw: object, index: int) -> PrometheusTrigger:
         if not isinstance(kind, str) or not kind:
             r.fail(f"{path}.type", f"is required, got {describe(kind)}")
         r.fail(f"{path}.type", f"{kind!r} is not supported here (only prometheus)")
-    trigger = r.mapping(raw, path, _TRIGGER)
+    trigger = r.mapping_of(raw, path, _TRIGGER)
     name = trigger.get("name")
     if name is not None:
         name = r.string(name, f"{path}.name")
@@ -431,7 +423,7 @@ def _trigger(r: _Reader, raw: object, index: int) -> PrometheusTrigger:
     mpath = f"{path}.metadata"
     if trigger.get("metadata") is None:
         r.fail(mpath, "is required")
-    meta = r.mapping(trigger.get("metadata"), mpath, _PROMETHEUS)
+    meta = r.mapping_of(trigger.get("metadata"), mpath, _PROMETHEUS)
     for required in ("serverAddress", "query", "threshold"):
         if required not in meta:
             r.fail(f"{mpath}.{required}", "is required")
@@ -480,13 +472,13 @@ def _fallback(r: _Reader, raw: object, triggers: Sequence[PrometheusTrigger]) ->
     if raw is None:
         return None
     path = "spec.fallback"
-    fb = r.mapping(raw, path, _FALLBACK)
+    fb = r.mapping_of(raw, path, _FALLBACK)
     for required in _FALLBACK:
         if required not in fb:
             r.fail(f"{path}.{required}", "is required in a fallback")
     fallback = Fallback(
-        failure_threshold=r.integer(fb["failureThreshold"], f"{path}.failureThreshold", 0),
-        replicas=r.integer(fb["replicas"], f"{path}.replicas", 0),
+        failure_threshold=r.integer(fb["failureThreshold"], f"{path}.failureThreshold", minimum=0),
+        replicas=r.integer(fb["replicas"], f"{path}.replicas", minimum=0),
     )
     for t in triggers:
         if t.metric_type is not MetricType.AVERAGE_VALUE:
@@ -503,7 +495,7 @@ def parse_scaled_object(raw: object, origin: str) -> ScaledObject:
     """A ScaledObject from its parsed YAML. Raises :class:`ScaledObjectError` naming
     ``origin``, the field path and why."""
     r = _Reader(origin)
-    top = r.mapping(raw, "", _TOP)
+    top = r.mapping_of(raw, "", _TOP)
     if top.get("apiVersion") != API_VERSION:
         r.fail("apiVersion", f"must be {API_VERSION}, got {describe(top.get('apiVersion'))}")
     if top.get("kind") != KIND:
@@ -511,11 +503,11 @@ def parse_scaled_object(raw: object, origin: str) -> ScaledObject:
     name, namespace, labels = _metadata(r, top.get("metadata"))
     if top.get("spec") is None:
         r.fail("spec", "is required")
-    spec = r.mapping(top.get("spec"), "spec", _SPEC)
+    spec = r.mapping_of(top.get("spec"), "spec", _SPEC)
     target = _target(r, spec.get("scaleTargetRef"))
 
     def seconds(key: str, default: int, low: int = 0) -> int:
-        return r.integer(spec[key], f"spec.{key}", low) if key in spec else default
+        return r.integer(spec[key], f"spec.{key}", minimum=low) if key in spec else default
 
     polling = seconds("pollingInterval", DEFAULT_POLLING_INTERVAL_S, 1)
     cooldown = seconds("cooldownPeriod", DEFAULT_COOLDOWN_S)
@@ -530,7 +522,7 @@ def parse_scaled_object(raw: object, origin: str) -> ScaledObject:
         )
     idle: int | None = None
     if "idleReplicaCount" in spec:
-        idle = r.integer(spec["idleReplicaCount"], "spec.idleReplicaCount", 0)
+        idle = r.integer(spec["idleReplicaCount"], "spec.idleReplicaCount", minimum=0)
         if idle != 0:
             r.fail(
                 "spec.idleReplicaCount",
