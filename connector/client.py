@@ -239,6 +239,40 @@ class Client:
         result: dict[str, Any] = await self.request("POST", "/v1/shutdown")
         return result
 
+    # ------------------------------------------------------------- experiments
+
+    async def start_experiment(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/experiments``: the plan document (the YAML plan's shape) runs on the
+        server; the answer is the run (``id``, ``state``, ``folder``, ...)."""
+        result: dict[str, Any] = await self.request("POST", "/v1/experiments", body=plan)
+        return result
+
+    async def experiments(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", "/v1/experiments")
+        return result
+
+    async def experiment(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", f"/v1/experiments/{_seg(run_id)}")
+        return result
+
+    async def cancel_experiment(self, run_id: str) -> dict[str, Any]:
+        """Cancel a running experiment; answers once aiperf stopped and the folder is written
+        (the server waits up to 45 s)."""
+        result: dict[str, Any] = await self.request(
+            "DELETE", f"/v1/experiments/{_seg(run_id)}", timeout_s=max(self.timeout_s, 60.0)
+        )
+        return result
+
+    async def experiment_report(self, run_id: str) -> str:
+        text: str = await self.request(
+            "GET", f"/v1/experiments/{_seg(run_id)}/report", accept="text/html"
+        )
+        return text
+
+    async def timeline(self, since: int = 0) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", "/v1/timeline", params={"since": since})
+        return result
+
     # ------------------------------------------------------------------ stream
 
     async def stream_events(self, since: int | None = None) -> AsyncIterator[dict[str, Any]]:

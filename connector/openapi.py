@@ -24,7 +24,7 @@ ERROR_DESCRIPTIONS = {
     404: "unknown component or route",
     409: "conflict: replica limit, crash loop, resources exhausted, superseded",
     413: "request body too large",
-    415: "request body is not application/json",
+    415: "request body is not of a media type the route accepts (application/json)",
     422: "well-formed but semantically invalid (e.g. a negative count)",
     500: "internal error (details in the server log, never a traceback)",
     503: "supervisor, discovery or a feature unavailable, or the connector is shut down",
@@ -69,7 +69,7 @@ def _operation(route: Route, *, token: bool, auth_all: bool, host_guard: bool) -
     if route.body is not None:
         op["requestBody"] = {
             "required": route.body_required,
-            "content": {"application/json": {"schema": copy.deepcopy(route.body)}},
+            "content": {t: {"schema": copy.deepcopy(route.body)} for t in route.body_types},
         }
     responses: dict[str, Any] = {
         str(status): {"description": description, "content": _content(bodies)}

@@ -31,6 +31,7 @@ from connector.api.middleware import (
     validation_middleware,
 )
 from connector.api.routes import ROUTES, by_method_and_path
+from connector.api.timeline import attach_live
 from connector.openapi import build_openapi
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ def create_app(
         static=_load_static(),
     )
     app[CONTEXT] = ctx
+    attach_live(app, connector)  # experiments and the live timeline; stopped with the app
     for route in ROUTES:
         if route.method == "GET":
             app.router.add_get(route.path, route.handler)

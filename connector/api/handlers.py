@@ -346,9 +346,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
-    # Everything comes from this server: no CDN, no inline script, no framing.
+    # Everything comes from this server: no CDN, no inline script, no framing. Inline
+    # styles are allowed: plotly.js (the live charts) styles its SVG through style
+    # attributes and a <style> element it writes; scripts stay this server's files only.
     "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
 }

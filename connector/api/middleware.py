@@ -18,7 +18,13 @@ from connector.api.context import BODY, QUERY, ApiContext, context
 from connector.api.errors import BadRequest, RequestTimeout, Unauthorized, UnsupportedMediaType
 from connector.api.schemas import resolve
 from connector.api.spec import Route
-from connector.api.validation import parse_json_body, parse_query_value, validate
+from connector.api.validation import (
+    YAML_TYPES,
+    parse_json_body,
+    parse_query_value,
+    parse_yaml_body,
+    validate,
+)
 from connector.errors import ConnectorError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -171,12 +177,17 @@ async def _parse_body(request: web.Request, route: Route) -> dict[str, Any]:
         if route.body_required:
             raise BadRequest(f"{request.method} {request.path} needs a JSON body")
         return {}
-    if request.content_type != "application/json":
+    if request.content_type not in route.body_types:
         raise UnsupportedMediaType(
-            f"the request body must be application/json, got {request.content_type}",
+            f"the request body must be {' or '.join(route.body_types)}, got {request.content_type}",
             content_type=request.content_type,
+            accepted=list(route.body_types),
         )
-    value = validate(parse_json_body(raw), resolve(route.body), "body")
+    if request.content_type in YAML_TYPES:
+        decoded = await asyncio.to_thread(parse_yaml_body, raw)  # pure Python: off the loop
+    else:
+        decoded = parse_json_body(raw)
+    value = validate(decoded, resolve(route.body), "body") if route.validate_body else decoded
     if not isinstance(value, dict):  # every request body schema is an object
         raise BadRequest("the request body must be a JSON object")
     return value

@@ -8,13 +8,21 @@ without being documented, nor documented with a shape it does not enforce.
 
 from __future__ import annotations
 
+from connector.api import experiments as x
 from connector.api import handlers as h
 from connector.api import schemas as s
+from connector.api import timeline, vendor
 from connector.api.schemas import ref
 from connector.api.spec import COMPONENT_NAME, Body, Param, Route
 
 NAME = Param("name", COMPONENT_NAME, "component name as written in the graph", required=True)
 COMPONENT_ERRORS = (404, 503)
+EXPERIMENT_ID = Param(
+    "id",
+    {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_-]*$", "maxLength": 160},
+    "the experiment's id (`<plan name>-<date>-<time>`, as POST answered)",
+    required=True,
+)
 
 
 def _json(schema_name: str, description: str) -> tuple[str, tuple[Body, ...]]:
@@ -221,6 +229,102 @@ ROUTES: tuple[Route, ...] = (
         timeout_s=None,
     ),
     Route(
+        "POST",
+        "/v1/experiments",
+        x.post_experiment,
+        "startExperiment",
+        "Run an experiment: load phases with aiperf while the graph scales",
+        "experiments",
+        description=(
+            "The plan is the YAML plan file's document, as JSON or as YAML text "
+            "(`Content-Type: application/yaml`). Runs inside the connector with the runner "
+            "of `dynamo-local experiment`, one at a time: 202 with the run (its `id`, "
+            "`Location`), 409 `experiment_running` naming the running one, 422 "
+            "`invalid_plan` naming the field, 503 `aiperf_missing`. The run folder is "
+            "`<working dir>/experiments/<id>`; a relative `tokenizer` folder is resolved "
+            "against the server's current directory."
+        ),
+        body=ref("ExperimentPlan"),
+        body_required=True,
+        body_types=("application/json", "application/yaml"),
+        validate_body=False,
+        responses={202: _json("Experiment", "started")},
+        errors=(400, 409, 413, 415, 422, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/experiments",
+        x.list_experiments,
+        "listExperiments",
+        "The recent experiments (the last 20), newest first",
+        "experiments",
+        responses={200: _json("ExperimentList", "experiments")},
+    ),
+    Route(
+        "GET",
+        "/v1/experiments/{id}",
+        x.get_experiment,
+        "getExperiment",
+        "One experiment: state, phase, progress, latest sample, summary once done",
+        "experiments",
+        path_params=(EXPERIMENT_ID,),
+        responses={200: _json("Experiment", "the experiment")},
+        errors=(404,),
+    ),
+    Route(
+        "DELETE",
+        "/v1/experiments/{id}",
+        x.cancel_experiment,
+        "cancelExperiment",
+        "Cancel a running experiment (aiperf is stopped; what was sampled is written)",
+        "experiments",
+        description=(
+            "Answers 200 with the cancelled run once aiperf has stopped and the run folder "
+            "is written (timeline, events, summary, report of what was sampled), or 202 if "
+            "that took longer than 45 s (GET shows when it is done). 409 "
+            "`experiment_finished` if it is not running."
+        ),
+        path_params=(EXPERIMENT_ID,),
+        responses={
+            200: _json("Experiment", "cancelled"),
+            202: _json("Experiment", "cancelling"),
+        },
+        errors=(404, 409),
+        timeout_s=None,
+    ),
+    Route(
+        "GET",
+        "/v1/experiments/{id}/report",
+        x.get_report,
+        "getExperimentReport",
+        "The experiment's report.html (self-contained, sandboxed)",
+        "experiments",
+        description="409 `experiment_running` before the run ends; 404 `no_report` if it "
+        "ended without one (failed before sampling, or plotly missing).",
+        path_params=(EXPERIMENT_ID,),
+        responses={200: ("the report", (Body({"type": "string"}, "text/html"),))},
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/v1/timeline",
+        timeline.get_timeline,
+        "getTimeline",
+        "The live timeline of the last 15 minutes (what the status page charts)",
+        "events",
+        description=(
+            "One sample a second: each component's desired/ready/running replicas, CPU "
+            "and RSS; the frontend's request rate, errors, requests in flight, TTFT and ITL "
+            "p50/p99 (from its own /metrics); the events of that second; the phase of a "
+            "running experiment. Sampling starts with the first read and stops two minutes "
+            "after the last one (no experiment running). `since`: only samples after that "
+            "`seq` (a cursor above `last_seq`, from before a restart, gets them all)."
+        ),
+        query=(Param("since", {"type": "integer", "minimum": 0}, "only samples with seq > since"),),
+        responses={200: _json("Timeline", "samples, oldest first")},
+        errors=(400, 422),
+    ),
+    Route(
         "GET",
         "/v1/prometheus/targets",
         h.prometheus_targets,
@@ -328,6 +432,17 @@ ROUTES: tuple[Route, ...] = (
                 ),
             )
         },
+        errors=(404,),
+        public=True,
+    ),
+    Route(
+        "GET",
+        vendor.PATH,
+        vendor.plotly_js,
+        "statusPagePlotly",
+        "plotly.js for the status page's charts, from the installed plotly package",
+        "status page",
+        responses={200: ("plotly.min.js", (Body({"type": "string"}, "text/javascript"),))},
         errors=(404,),
         public=True,
     ),

@@ -47,6 +47,12 @@ class Route:
     query: tuple[Param, ...] = ()
     body: Schema | None = None
     body_required: bool = False
+    # Media types the body may come in: JSON, and YAML (application/yaml) where a route takes
+    # what users also write as files (an experiment plan).
+    body_types: tuple[str, ...] = ("application/json",)
+    # False: the handler checks the decoded body itself (with errors in its own words, e.g.
+    # an experiment plan's reader naming the field); the schema still documents it.
+    validate_body: bool = True
     # status -> (description, bodies); errors list the statuses answered with Error JSON.
     responses: dict[int, tuple[str, tuple[Body, ...]]] = field(default_factory=dict)
     errors: tuple[int, ...] = ()

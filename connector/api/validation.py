@@ -186,9 +186,44 @@ def parse_json_body(raw: bytes) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
 
 
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+# Anchors and aliases are fine, but expanded a body holds at most this many values: a few
+# nested aliases can otherwise turn 64 KiB into billions of nodes to walk.
+MAX_YAML_NODES = 20_000
+
+
+def parse_yaml_body(raw: bytes) -> Any:
+    """Decode a YAML request body (UTF-8, one document, no duplicate keys, bounded)."""
+    from connector.errors import GraphError
+    from connector.graph_loader import parse_yaml
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    try:
+        value = parse_yaml(text, "request body")
+    except GraphError as exc:
+        raise BadRequest(str(exc).replace("invalid YAML", "not valid YAML")) from None
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise BadRequest(f"request body expands to more than {MAX_YAML_NODES} YAML values")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 # --------------------------------------------------------------------- query parameters
 
-_INTEGER = re.compile(r"-?[0-9]{1,18}")
+# Any integer the schema allows (its bounds are checked after): 1,000 digits is far past
+# every bound and far below what int() parses slowly.
+_INTEGER = re.compile(r"-?[0-9]{1,1000}")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 

@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the aiperf executable (default: $AIPERF, else .venv-aiperf/bin/aiperf)",
     )
     parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="run it inside the server (POST /v1/experiments) and follow it; the run folder "
+        "is then under the server's working dir (--out and --aiperf do not apply)",
+    )
+    parser.add_argument(
         "--prometheus",
         default=None,
         metavar="URL",
@@ -78,7 +84,73 @@ def _headline(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _remote_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan file's document as the server gets it: checked here first (errors name this
+    file), the tokenizer folder made absolute (the server resolves relative paths against
+    its own directory, not this file's)."""
+    from connector.experiment.plan import PlanError, decode_yaml, parse_plan
+
+    path = Path(args.plan)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{args.plan}: cannot read: {exc}") from None
+    document = decode_yaml(text, args.plan)
+    plan = parse_plan(document, origin=args.plan, base_dir=path.resolve().parent)
+    assert isinstance(document, dict)  # parse_plan refused anything else
+    document = {**document, "tokenizer": plan.tokenizer}
+    if args.prometheus:
+        document["prometheus"] = args.prometheus.rstrip("/")
+    return document
+
+
+async def run_remote(api: Client, args: argparse.Namespace, out: Console, err: Console) -> int:
+    """``--remote``: the server runs the experiment; this follows it (``GET`` every second)
+    and cancels it (``DELETE``) on Ctrl-C."""
+    import asyncio
+
+    from connector.client import ApiError
+    from connector.experiment.plan import PlanError
+
+    try:
+        document = _remote_document(args)
+    except PlanError as exc:
+        err.print(f"dynamo-local: error: {exc}", markup=False)
+        return EXIT_ERROR
+    try:
+        run = await api.start_experiment(document)
+    except ApiError as exc:
+        err.print(f"dynamo-local: error: {exc.message}", markup=False)
+        return EXIT_ERROR
+    err.print(
+        f"dynamo-local: experiment {run['id']} runs on the server; run folder {run['folder']}",
+        markup=False,
+    )
+    last = None
+    try:
+        while run["state"] == "running":
+            said = run["phase"]
+            if said != last and not err.is_terminal:
+                err.print(f"dynamo-local: {run['id']}: {said}", markup=False)
+            last = said
+            await asyncio.sleep(1.0)
+            run = await api.experiment(run["id"])
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.print(f"dynamo-local: cancelling {run['id']}", markup=False)
+        run = await api.cancel_experiment(run["id"])
+    out.print(f"run folder: {run['folder']} ({run['state']})", markup=False)
+    for line in _headline(run.get("summary") or {}):
+        out.print(line, markup=False)
+    if run.get("report"):
+        out.print(f"report: {api.url}{run['report']}", markup=False)
+    if run.get("error"):
+        err.print(f"dynamo-local: error: {run['error']}", markup=False)
+    return EXIT_OK if run["state"] == "succeeded" else EXIT_ERROR
+
+
 async def run_command(api: Client, args: argparse.Namespace, out: Console, err: Console) -> int:
+    if getattr(args, "remote", False):
+        return await run_remote(api, args, out, err)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from connector.experiment.aiperf import AiperfMissing, find_aiperf

@@ -11,6 +11,7 @@ the file, the field and the reason: ``plan.yaml: phases[1].concurrency: must be 
     prometheus: http://127.0.0.1:9090 # default: scrape the frontend's /metrics directly
     interval: 1                       # seconds between timeline samples
     window: 10                        # seconds the rates and percentiles are taken over
+                                      # (default 10, or the interval if longer)
     gracePeriod: 30                   # seconds a phase's requests may finish after it ends
     cooldown: 60                      # seconds sampled after the last phase (scale-down)
     slo: {ttftP99Seconds: 0.5, itlP99Seconds: 0.05}
@@ -74,8 +75,29 @@ _TOKEN_KEYS = ("mean", "stddev")
 _PROMETHEUS_KEYS = ("url", "selector")
 
 
+# Upper bounds: a plan is a few phases of minutes to hours; beyond these it is a typo (and a
+# run kept in memory a sample per interval would grow without end).
+MAX_PHASES = 100
+MAX_SECONDS = 86400.0  # a phase, the grace period, the cool-down, the window
+MAX_INTERVAL_S = 3600.0
+MAX_NAME = 128
+MAX_SEED = 2**32 - 1  # aiperf's random seed
+MAX_TOKENS = 1_000_000  # a sequence length
+MAX_CONCURRENCY = 100_000
+MAX_RATE = 100_000.0  # requests per second
+MAX_TEXT = 4096  # the tokenizer, the model, a Prometheus URL or selector
+# A YAML plan may use anchors; expanded, it holds at most this many values (nested aliases
+# can otherwise expand a few bytes into billions of nodes).
+MAX_NODES = 20_000
+
+
 class PlanError(ValueError):
-    """The plan is invalid; the message names the file, the field and why."""
+    """The plan is invalid; the message names the file, the field and why; ``field`` is the
+    field's path (``phases[1].concurrency``), empty for the plan as a whole."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -146,7 +168,7 @@ class Plan:
 class _PlanReader(Reader):
     def fail(self, path: str, reason: str) -> NoReturn:
         prefix = f"{path}: " if path else ""
-        raise PlanError(f"{self.origin}: {prefix}{reason}")
+        raise PlanError(f"{self.origin}: {prefix}{reason}", path)
 
     def known(self, value: Mapping[str, Any], path: str, keys: Iterable[str]) -> None:
         allowed = list(keys)
@@ -154,7 +176,9 @@ class _PlanReader(Reader):
             if key not in allowed:
                 self.fail(join_path(path, key), f"unknown key; known: {', '.join(allowed)}")
 
-    def number(self, value: object, path: str, *, positive: bool) -> float:
+    def number(
+        self, value: object, path: str, *, positive: bool, maximum: float | None = None
+    ) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             self.fail(path, f"must be a number, got {describe(value)}")
         if math.isinf(value):
@@ -163,7 +187,23 @@ class _PlanReader(Reader):
             self.fail(path, f"must be > 0, got {value}")
         if value < 0:
             self.fail(path, f"must be >= 0, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(path, f"must be <= {maximum:g}, got {value}")
         return float(value)
+
+    def bounded_seconds(
+        self, value: object, path: str, *, positive: bool, maximum: float = MAX_SECONDS
+    ) -> float:
+        seconds = self.seconds(value, path, positive=positive)
+        if math.isnan(seconds) or math.isinf(seconds) or seconds > maximum:
+            self.fail(path, f"must be <= {maximum:g} seconds, got {value}")
+        return seconds
+
+    def bounded_string(self, value: object, path: str) -> str:
+        text = self.string(value, path)
+        if len(text) > MAX_TEXT:
+            self.fail(path, f"must be at most {MAX_TEXT} characters, got {len(text)}")
+        return text
 
 
 def load_plan(path: Path, *, display: str | None = None) -> Plan:
@@ -176,11 +216,35 @@ def load_plan(path: Path, *, display: str | None = None) -> Plan:
         raise PlanError(f"{origin}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise PlanError(f"{origin}: cannot read: {exc.strerror}") from None
+    return parse_plan(decode_yaml(text, origin), origin=origin, base_dir=path.resolve().parent)
+
+
+def decode_yaml(text: str, origin: str) -> object:
+    """The YAML document of a plan; a syntax error or a document that expands (through
+    anchors and aliases) to more than :data:`MAX_NODES` values is a :class:`PlanError`."""
     try:
         raw = parse_yaml(text, origin)
     except GraphError as exc:
         raise PlanError(str(exc)) from None
-    return parse_plan(raw, origin=origin, base_dir=path.resolve().parent)
+    if _nodes(raw, MAX_NODES) > MAX_NODES:
+        raise PlanError(f"{origin}: the document expands to more than {MAX_NODES} values")
+    return raw
+
+
+def _nodes(value: object, budget: int) -> int:
+    """How many values ``value`` holds, counting shared (aliased) parts each time they
+    appear, and stopping once past ``budget``."""
+    count = 0
+    stack = [value]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return count
 
 
 def parse_plan(raw: object, *, origin: str = "plan", base_dir: Path | None = None) -> Plan:
@@ -188,9 +252,13 @@ def parse_plan(raw: object, *, origin: str = "plan", base_dir: Path | None = Non
     r = _PlanReader(origin)
     top = r.mapping(raw, "", optional=False)
     r.known(top, "", _TOP_KEYS)
+    if _nodes(raw, MAX_NODES) > MAX_NODES:
+        r.fail("", f"the plan holds more than {MAX_NODES} values")
     phases_raw = r.sequence(top.get("phases"), "phases")
     if not phases_raw:
         r.fail("phases", "must list at least one phase")
+    if len(phases_raw) > MAX_PHASES:
+        r.fail("phases", f"at most {MAX_PHASES} phases, got {len(phases_raw)}")
     phases = tuple(_phase(r, item, f"phases[{i}]", i) for i, item in enumerate(phases_raw))
     seen: dict[str, int] = {}
     for i, phase in enumerate(phases):
@@ -203,15 +271,17 @@ def parse_plan(raw: object, *, origin: str = "plan", base_dir: Path | None = Non
             "required: the model's tokenizer, as a local folder (relative to the plan) or a "
             "Hugging Face id (fetched from the hub); aiperf counts tokens with it",
         )
+    interval_s = _seconds(r, top, "interval", 1.0, positive=True, maximum=MAX_INTERVAL_S)
     plan = Plan(
         phases=phases,
-        tokenizer=_tokenizer(r.string(top["tokenizer"], "tokenizer"), base_dir),
+        tokenizer=_tokenizer(r.bounded_string(top["tokenizer"], "tokenizer"), base_dir),
         name=_name(r, top["name"], "name") if "name" in top else "experiment",
-        seed=r.integer(top["seed"], "seed", minimum=0) if "seed" in top else 0,
-        model=r.string(top["model"], "model") if "model" in top else None,
+        seed=_seed(r, top["seed"]) if "seed" in top else 0,
+        model=r.bounded_string(top["model"], "model") if "model" in top else None,
         prometheus=_prometheus(r, top["prometheus"]) if "prometheus" in top else None,
-        interval_s=_seconds(r, top, "interval", 1.0, positive=True),
-        window_s=_seconds(r, top, "window", 10.0, positive=True),
+        interval_s=interval_s,
+        # A window shorter than the interval would see no scrape to take a difference to.
+        window_s=_seconds(r, top, "window", max(10.0, interval_s), positive=True),
         grace_period_s=_seconds(r, top, "gracePeriod", 30.0, positive=False),
         cooldown_s=_seconds(r, top, "cooldown", 0.0, positive=False),
         slo=_slo(r, top.get("slo")),
@@ -222,8 +292,17 @@ def parse_plan(raw: object, *, origin: str = "plan", base_dir: Path | None = Non
     return plan
 
 
+def _seed(r: _PlanReader, value: object) -> int:
+    seed = r.integer(value, "seed", minimum=0)
+    if seed > MAX_SEED:
+        r.fail("seed", f"must be <= {MAX_SEED}, got {seed}")
+    return seed
+
+
 def _name(r: _PlanReader, value: object, path: str) -> str:
     name = r.string(value, path)
+    if len(name) > MAX_NAME:
+        r.fail(path, f"must be at most {MAX_NAME} characters, got {len(name)}")
     if not PHASE_NAME.fullmatch(name):
         r.fail(
             path,
@@ -234,9 +313,17 @@ def _name(r: _PlanReader, value: object, path: str) -> str:
 
 
 def _seconds(
-    r: _PlanReader, top: Mapping[str, Any], key: str, default: float, *, positive: bool
+    r: _PlanReader,
+    top: Mapping[str, Any],
+    key: str,
+    default: float,
+    *,
+    positive: bool,
+    maximum: float = MAX_SECONDS,
 ) -> float:
-    return r.seconds(top[key], key, positive=positive) if key in top else default
+    if key not in top:
+        return default
+    return r.bounded_seconds(top[key], key, positive=positive, maximum=maximum)
 
 
 def _tokenizer(value: str, base_dir: Path | None) -> str:
@@ -255,14 +342,14 @@ def _prometheus(r: _PlanReader, value: object) -> Prometheus:
     r.known(m, "prometheus", _PROMETHEUS_KEYS)
     if "url" not in m:
         r.fail("prometheus.url", "required: the Prometheus server's URL")
-    selector = r.string(m["selector"], "prometheus.selector") if "selector" in m else ""
+    selector = r.bounded_string(m["selector"], "prometheus.selector") if "selector" in m else ""
     if "{" in selector or "}" in selector:
         r.fail("prometheus.selector", f"label matchers without braces, got {selector!r}")
     return Prometheus(url=_http_url(r, m["url"], "prometheus.url"), selector=selector)
 
 
 def _http_url(r: _PlanReader, value: object, path: str) -> str:
-    url = r.string(value, path)
+    url = r.bounded_string(value, path)
     if not url.startswith(("http://", "https://")):
         r.fail(path, f"must be an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
@@ -271,20 +358,31 @@ def _http_url(r: _PlanReader, value: object, path: str) -> str:
 def _slo(r: _PlanReader, value: object) -> dict[str, float]:
     m = r.mapping(value, "slo")
     r.known(m, "slo", tuple(SLO_COLUMNS))
-    return {key: r.number(m[key], f"slo.{key}", positive=True) for key in m}
+    return {key: r.number(m[key], f"slo.{key}", positive=True, maximum=MAX_SECONDS) for key in m}
+
+
+def _tokens_count(r: _PlanReader, value: object, path: str) -> int:
+    count = r.integer(value, path, minimum=1)
+    if count > MAX_TOKENS:
+        r.fail(path, f"must be <= {MAX_TOKENS}, got {count}")
+    return count
 
 
 def _tokens(r: _PlanReader, value: object, path: str) -> Tokens:
     if value is None:
         r.fail(path, "required: a mean number of tokens, or {mean, stddev}")
     if not isinstance(value, Mapping):
-        return Tokens(mean=r.integer(value, path, minimum=1))
+        return Tokens(mean=_tokens_count(r, value, path))
     m = r.mapping(value, path)
     r.known(m, path, _TOKEN_KEYS)
     if "mean" not in m:
         r.fail(f"{path}.mean", "required: the mean number of tokens")
-    mean = r.integer(m["mean"], f"{path}.mean", minimum=1)
-    stddev = r.number(m["stddev"], f"{path}.stddev", positive=False) if "stddev" in m else 0.0
+    mean = _tokens_count(r, m["mean"], f"{path}.mean")
+    stddev = (
+        r.number(m["stddev"], f"{path}.stddev", positive=False, maximum=MAX_TOKENS)
+        if "stddev" in m
+        else 0.0
+    )
     return Tokens(mean=mean, stddev=stddev)
 
 
@@ -297,8 +395,10 @@ def _phase(r: _PlanReader, value: object, path: str, index: int) -> Phase:
         if "concurrency" in m
         else None
     )
+    if concurrency is not None and concurrency > MAX_CONCURRENCY:
+        r.fail(f"{path}.concurrency", f"must be <= {MAX_CONCURRENCY}, got {concurrency}")
     rate = (
-        r.number(m["requestRate"], f"{path}.requestRate", positive=True)
+        r.number(m["requestRate"], f"{path}.requestRate", positive=True, maximum=MAX_RATE)
         if "requestRate" in m
         else None
     )
@@ -313,7 +413,7 @@ def _phase(r: _PlanReader, value: object, path: str, index: int) -> Phase:
         r.fail(f"{path}.duration", "required: the phase's length in seconds")
     return Phase(
         name=name,
-        duration_s=r.seconds(m["duration"], f"{path}.duration", positive=True),
+        duration_s=r.bounded_seconds(m["duration"], f"{path}.duration", positive=True),
         input_tokens=_tokens(r, m.get("inputTokens"), f"{path}.inputTokens"),
         output_tokens=_tokens(r, m.get("outputTokens"), f"{path}.outputTokens"),
         concurrency=concurrency,

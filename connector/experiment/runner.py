@@ -29,12 +29,13 @@ from typing import Any
 
 import aiohttp
 
-from connector.client import ApiError, Client, Unreachable
+from connector.client import ApiError, Unreachable
 from connector.experiment import aiperf, report, summary, timeline
 from connector.experiment.plan import Plan
 from connector.experiment.sampler import (
     LOOPBACK,
     FrontendSource,
+    GraphApi,
     Load,
     PrometheusSource,
     Sampler,
@@ -68,7 +69,7 @@ async def _models(url: str) -> list[str]:
     return [str(m["id"]) for m in body.get("data", []) if "id" in m]
 
 
-async def discover(api: Client, plan: Plan, *, wait_s: float = FRONTEND_WAIT_S) -> Target:
+async def discover(api: GraphApi, plan: Plan, *, wait_s: float = FRONTEND_WAIT_S) -> Target:
     """The graph's components and its frontend's URL and model, waiting (bounded) until a
     frontend replica is ready and lists a model."""
     deadline = time.monotonic() + wait_s
@@ -190,19 +191,26 @@ def _max_samples(plan: Plan, segs: Sequence[aiperf.Segment]) -> int:
 
 async def run_experiment(
     plan: Plan,
-    api: Client,
+    api: GraphApi,
     folder: Path,
     *,
     executable: Path,
     on_sample: Callable[[timeline.Sample, PhaseTracker], None] | None = None,
     on_phase: Callable[[str, str], None] | None = None,
     target: Target | None = None,
+    plan_text: str | None = None,
 ) -> Outcome:
+    """Run ``plan`` and write its run folder. ``plan_text``: the plan as it was given when it
+    did not come from a file (through the API), written as ``plan.yaml``; otherwise the file
+    ``plan.source`` names is copied. Cancelled, it stops aiperf, writes what was sampled and
+    raises CancelledError."""
     target = target or await discover(api, plan)
     folder = await asyncio.to_thread(folder.absolute)  # aiperf runs inside it
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    given = Path(plan.source) if plan.source else None
-    if given is not None and await asyncio.to_thread(given.is_file):
+    given = Path(plan.source) if plan.source and plan_text is None else None
+    if plan_text is not None:
+        await asyncio.to_thread(_write, folder / "plan.yaml", plan_text)
+    elif given is not None and await asyncio.to_thread(given.is_file):
         await asyncio.to_thread(shutil.copyfile, given, folder / "plan.yaml")
     source: FrontendSource
     if plan.prometheus is not None:

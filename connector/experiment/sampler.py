@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from connector.client import ApiError, Client, Unreachable
+from connector.client import ApiError, Unreachable
 from connector.experiment import metrics
 from connector.experiment.timeline import ComponentSample, Sample, describe_event, timeline_events
 
@@ -42,6 +42,21 @@ class Load:
     request_rate: float | None = None
 
 
+class GraphApi(Protocol):
+    """What an experiment reads of the connector: the calls of :class:`connector.client.Client`
+    it uses, answered with the API's JSON. The CLI passes a Client; the connector itself
+    (experiments started through its API, the status page's live timeline) passes an
+    in-process reader with the same answers (``connector.api.inprocess``)."""
+
+    async def components(self) -> dict[str, Any]: ...
+
+    async def component(self, name: str) -> dict[str, Any]: ...
+
+    async def metrics(self, name: str) -> dict[str, Any]: ...
+
+    async def events(self, since: int = 0, limit: int | None = None) -> dict[str, Any]: ...
+
+
 class FrontendSource(Protocol):
     async def figures(self, now: float) -> metrics.Figures: ...
 
@@ -52,7 +67,7 @@ class ScrapeSource:
     """Scrapes every ready frontend replica's ``/metrics`` (ports from the API) and keeps the
     totals of the last ``window_s`` seconds to take differences over."""
 
-    def __init__(self, api: Client, frontends: Sequence[str], window_s: float) -> None:
+    def __init__(self, api: GraphApi, frontends: Sequence[str], window_s: float) -> None:
         self.api = api
         self.frontends = list(frontends)
         self.window_s = window_s
@@ -146,7 +161,7 @@ class SamplerStats:
 class Sampler:
     def __init__(
         self,
-        api: Client,
+        api: GraphApi,
         components: Sequence[str],
         frontend: FrontendSource,
         *,
@@ -155,6 +170,7 @@ class Sampler:
         load: Callable[[float], Load],
         events_since: int,
         on_sample: Callable[[Sample], None] | None = None,
+        retain: bool = True,
     ) -> None:
         self.api = api
         self.components = list(components)
@@ -163,8 +179,13 @@ class Sampler:
         self.interval_s = interval_s
         self.load = load
         self.on_sample = on_sample
+        # An experiment keeps every sample and event for its run folder; a caller that keeps
+        # its own bounded history (the connector's live timeline) passes retain=False and
+        # reads each sample's events from last_events.
+        self.retain = retain
         self.samples: list[Sample] = []
         self.events: list[dict[str, Any]] = []  # every event seen, as the API gave it
+        self.last_events: list[dict[str, Any]] = []  # those of the latest sample
         self.stats = SamplerStats()
         self._events_seq = events_since
         # component -> (exporter snapshot time, CPU seconds per (replica, pid), cores)
@@ -222,7 +243,9 @@ class Sampler:
             self._guard("events", self._new_events()),
             self._guard("frontend", self.frontend.figures(now)),
         )
-        self.events.extend(events or [])
+        self.last_events = list(events or [])
+        if self.retain:
+            self.events.extend(self.last_events)
         by_name = {c["name"]: c for c in (listing or {}).get("components", [])}
         components = {
             name: _component_sample(
@@ -242,7 +265,8 @@ class Sampler:
             components=components,
             events=tuple(describe_event(e) for e in timeline_events(events or [])),
         )
-        self.samples.append(sample)
+        if self.retain:
+            self.samples.append(sample)
         self.stats.samples += 1
         if self.on_sample is not None:
             with contextlib.suppress(Exception):

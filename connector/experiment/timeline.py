@@ -141,3 +141,28 @@ def timeline_events(events: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
         if e.get("kind") in TIMELINE_EVENT_KINDS
         and not (e.get("kind") == "scale" and e.get("from_replicas") == e.get("to_replicas"))
     ]
+
+
+def sample_json(sample: Sample) -> dict[str, Any]:
+    """One sample as JSON (the API's experiment status and live timeline): the CSV's columns,
+    the components nested by name, numbers rounded as in the CSV, the events described."""
+    out: dict[str, Any] = {
+        "t": round(sample.t, 3),
+        "time": round(sample.time, 3),
+        "phase": sample.phase,
+    }
+    for column in FIXED_COLUMNS[3:]:
+        value = getattr(sample, column)
+        out[column] = None if value is None else round(float(value), 6)
+    out["components"] = {
+        name: {
+            "desired": c.desired,
+            "ready": c.ready,
+            "running": c.running,
+            "cpu_cores": None if c.cpu_cores is None else round(c.cpu_cores, 4),
+            "rss_bytes": c.rss_bytes,
+        }
+        for name, c in sample.components.items()
+    }
+    out["events"] = list(sample.events)
+    return out

@@ -1,7 +1,9 @@
-// dynamo-local status page: components, GPU map, prefill queue, recent scale events.
-// Live through the server's Server-Sent Events stream (read with fetch so that a bearer
-// token can be sent); a slow poll backs it up. Everything is built with DOM calls and
-// textContent: nothing from the server is ever parsed as HTML.
+// dynamo-local status page: components, live charts, GPU map, prefill queue, recent scale
+// events. Live through the server's Server-Sent Events stream (read with fetch so that a
+// bearer token can be sent); a slow poll backs it up. Everything is built with DOM calls and
+// textContent: nothing from the server is ever parsed as HTML. The charts are plotly.js
+// (served by this server); plotly reads a few tags (<b>, <br>) in the strings it is given,
+// so every string from the server goes through plain() first and shows as written.
 "use strict";
 
 const SHOWN_KINDS = new Set(["scale", "restart", "crashloop", "decision", "exit"]);
@@ -9,6 +11,10 @@ const MAX_EVENTS = 50;
 const QUEUE_POLL_MS = 2000;
 const QUEUE_POINTS = 300; // ten minutes at one point every two seconds
 const BACKSTOP_MS = 5000;
+const TIMELINE_POLL_MS = 1000;
+const PALETTE = ["#3e8ed0", "#2fbf71", "#e0a526", "#e5484d", "#a371f7", "#39c5cf", "#f778ba",
+  "#8a96a3"];
+const PHASE_FILL = ["rgba(62,142,208,0.13)", "rgba(224,165,38,0.13)", "rgba(47,191,113,0.13)"];
 const RETRY_MS = 2000;
 
 const state = {
@@ -18,6 +24,11 @@ const state = {
   queue: [], // [time ms, pending or null]
   refreshTimer: null,
   streamAbort: null,
+  // The connector's live timeline (GET /v1/timeline): samples after `seq` are fetched.
+  timeline: {
+    seq: 0, capacity: 900, samples: [], components: [], frontends: [], experiment: null,
+    polling: false,
+  },
 };
 
 // ------------------------------------------------------------------ helpers
@@ -122,6 +133,187 @@ function renderComponents(data) {
     );
   });
   body.replaceChildren(...rows);
+}
+
+// --------------------------------------------------------------- live charts
+
+// Plotly interprets a few HTML-like tags and entities in text; escaped, they show as is.
+function plain(text) {
+  return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
+function at(seconds) {
+  return new Date(seconds * 1000);
+}
+
+function column(samples, key) {
+  return samples.map((s) => (s[key] === null || s[key] === undefined ? null : s[key]));
+}
+
+function replicaTraces(samples, components) {
+  const x = samples.map((s) => at(s.time));
+  const traces = [];
+  components.forEach((c, i) => {
+    const colour = PALETTE[i % PALETTE.length];
+    const counts = (field) =>
+      samples.map((s) => (s.components[c.name] ? s.components[c.name][field] : null));
+    traces.push({
+      x, y: counts("desired"), name: plain(c.name + " desired"), legendgroup: plain(c.name),
+      mode: "lines", line: { shape: "hv", dash: "dash", width: 1, color: colour }, yaxis: "y",
+    });
+    traces.push({
+      x, y: counts("ready"), name: plain(c.name + " ready"), legendgroup: plain(c.name),
+      mode: "lines", line: { shape: "hv", width: 2, color: colour }, yaxis: "y",
+    });
+  });
+  const scales = samples.flatMap((s) => s.marks.filter((m) => m.kind === "scale"));
+  if (scales.length) {
+    traces.push({
+      x: scales.map((m) => at(m.time)),
+      y: scales.map((m) => (m.to_replicas === undefined ? null : m.to_replicas)),
+      name: "scale events",
+      mode: "markers",
+      marker: {
+        size: 11,
+        color: "#e5484d",
+        symbol: scales.map((m) => ((m.to_replicas || 0) >= (m.from_replicas || 0) ? "triangle-up" : "triangle-down")),
+      },
+      hovertext: scales.map((m) => plain(m.text)),
+      hoverinfo: "text+x",
+      yaxis: "y",
+    });
+  }
+  return traces;
+}
+
+function frontendTraces(samples) {
+  const x = samples.map((s) => at(s.time));
+  const line = (key, name, colour, axis, dash) => ({
+    x, y: column(samples, key), name, mode: "lines", yaxis: axis,
+    line: { color: colour, width: 2, dash: dash || "solid" }, connectgaps: false,
+  });
+  const traces = [
+    line("request_rate", "req/s", "#e5484d", "y2"),
+    line("inflight", "in flight", "#2fbf71", "y2"),
+  ];
+  if (samples.some((s) => s.target_concurrency !== null)) {
+    traces.push(line("target_concurrency", "target concurrency", "#a371f7", "y2", "dot"));
+  }
+  if (samples.some((s) => s.target_request_rate !== null)) {
+    traces.push(line("target_request_rate", "target req/s", "#f778ba", "y2", "dot"));
+  }
+  traces.push(line("ttft_p99_s", "TTFT p99 (s)", "#3e8ed0", "y3"));
+  traces.push(line("itl_p99_s", "ITL p99 (s)", "#e0a526", "y3"));
+  return traces;
+}
+
+// A running (or just finished) experiment's phases, shaded across every chart.
+function phaseShapes(experiment, end) {
+  const shapes = [];
+  const notes = [];
+  if (!experiment) return { shapes, notes };
+  experiment.phases.forEach((p, i) => {
+    if (p.start === null) return;
+    const x0 = at(p.start);
+    const x1 = at(p.end === null ? end : p.end);
+    shapes.push({
+      type: "rect", xref: "x", yref: "paper", x0, x1, y0: 0, y1: 1, line: { width: 0 },
+      fillcolor: PHASE_FILL[i % PHASE_FILL.length], layer: "below",
+    });
+    notes.push({
+      x: x0, y: 1, xref: "x", yref: "paper", text: plain(p.name), showarrow: false,
+      xanchor: "left", yanchor: "bottom", font: { color: "#e4e8ec", size: 11 },
+    });
+  });
+  return { shapes, notes };
+}
+
+function renderExperiment(experiment) {
+  const box = $("experiment-now");
+  if (!experiment) {
+    box.replaceChildren();
+    box.removeAttribute("data-state");
+    return;
+  }
+  box.dataset.state = experiment.state;
+  box.dataset.id = experiment.id;
+  const parts = ["experiment " + experiment.name + ": " + experiment.state];
+  if (experiment.phase) parts.push(experiment.phase);
+  if (experiment.state === "running") {
+    parts.push(Math.round(100 * experiment.progress.fraction) + "%");
+  }
+  const children = [parts.join(" \u00b7 ")];
+  if (experiment.report) {
+    children.push(" ");
+    children.push(el("a", { href: "/v1/experiments/" + encodeURIComponent(experiment.id) + "/report", target: "_blank", rel: "noopener" }, "report"));
+  }
+  if (experiment.error) children.push(" \u2014 " + experiment.error);
+  box.replaceChildren(...children.map((c) => (c instanceof Node ? c : document.createTextNode(c))));
+}
+
+function renderTimeline() {
+  const t = state.timeline;
+  const chart = $("live-chart");
+  renderExperiment(t.experiment);
+  if (typeof window.Plotly === "undefined") {
+    $("live-status").textContent = "charts unavailable: plotly.js did not load (the server needs the plotly package)";
+    return;
+  }
+  const samples = t.samples;
+  const withFrontend = t.frontends.length > 0;
+  const traces = replicaTraces(samples, t.components);
+  if (withFrontend) traces.push(...frontendTraces(samples));
+  const end = samples.length ? samples[samples.length - 1].time : Date.now() / 1000;
+  const { shapes, notes } = phaseShapes(t.experiment, end);
+  const axis = { gridcolor: "#26303a", zerolinecolor: "#26303a", color: "#8a96a3" };
+  const layout = {
+    height: withFrontend ? 560 : 260,
+    margin: { l: 55, r: 20, t: 24, b: 36 },
+    paper_bgcolor: "#171d23",
+    plot_bgcolor: "#101418",
+    font: { color: "#e4e8ec", size: 12 },
+    hovermode: "x unified",
+    showlegend: true,
+    legend: { orientation: "h", y: -0.12 },
+    uirevision: "live", // zoom and hidden traces survive the updates
+    xaxis: Object.assign({ type: "date" }, axis, withFrontend ? { anchor: "y3" } : {}),
+    yaxis: Object.assign({ title: { text: "replicas" }, rangemode: "tozero", dtick: 1 }, axis, withFrontend ? { domain: [0.7, 1] } : {}),
+    shapes,
+    annotations: notes,
+  };
+  if (withFrontend) {
+    layout.yaxis2 = Object.assign({ title: { text: "load" }, rangemode: "tozero", domain: [0.37, 0.63], anchor: "x" }, axis);
+    layout.yaxis3 = Object.assign({ title: { text: "latency (s)" }, type: "log", domain: [0, 0.3], anchor: "x" }, axis);
+  }
+  window.Plotly.react(chart, traces, layout, { displaylogo: false, responsive: true });
+  chart.dataset.samples = String(samples.length);
+  chart.dataset.traces = String(traces.length);
+  $("live-status").textContent = samples.length
+    ? (withFrontend ? "" : "no frontend in this graph: replicas only")
+    : "sampling started; the first points come within a second or two";
+}
+
+async function pollTimeline() {
+  const t = state.timeline;
+  if (t.polling) return; // a slow answer: the next tick asks again, never twice at once
+  t.polling = true;
+  try {
+    const data = await api("/v1/timeline?since=" + t.seq);
+    // A ring that started again (the connector restarted) begins below our cursor.
+    if (data.samples.length && data.samples[0].seq <= t.seq) t.samples = [];
+    t.samples.push(...data.samples);
+    t.capacity = data.capacity;
+    if (t.samples.length > t.capacity) t.samples.splice(0, t.samples.length - t.capacity);
+    t.seq = data.last_seq;
+    t.components = data.components;
+    t.frontends = data.frontends;
+    t.experiment = data.experiment;
+    renderTimeline();
+  } catch (err) {
+    $("live-status").textContent = "timeline: " + err.message;
+  } finally {
+    t.polling = false;
+  }
 }
 
 // ---------------------------------------------------------------------- GPUs
@@ -385,6 +577,8 @@ function start() {
   loadEvents().then(stream);
   pollQueue();
   setInterval(pollQueue, QUEUE_POLL_MS);
+  pollTimeline();
+  setInterval(pollTimeline, TIMELINE_POLL_MS);
   setInterval(refresh, BACKSTOP_MS);
 }
 
