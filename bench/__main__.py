@@ -11,6 +11,7 @@ BENCHMARKS = (
     "discovery_bench",
     "exporter_bench",
     "api_bench",
+    "api_fuzz",
     "dynamo_bench",
     "chaos",
 )

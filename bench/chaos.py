@@ -1,6 +1,6 @@
 """Chaos benchmark: hold under abuse, seeded and bounded, with figures.
 
-Five scenarios, each on a real circusd and a real etcd (etcd discovery); where the scenario
+Six scenarios, each on a real circusd and a real etcd (etcd discovery); where the scenario
 kills or questions the connector itself, the connector is a real ``python -m connector up``
 process, else a ``LocalConnector`` in this process:
 
@@ -15,7 +15,7 @@ process, else a ``LocalConnector`` in this process:
    manager holds exactly what the live records hold, and each reserved port is listened on
    only by its own replica) and no stale instance in etcd.
 2. Connector SIGKILLs (``up`` process): ``--restarts`` times, a scale call (0..maxReplicas),
-   a random delay (mid scale-up, mid drain, mid state write), SIGKILL of ``up``, then
+   a random delay (landing wherever it lands; scenario 6 aims), SIGKILL of ``up``, then
    ``up`` again on the same working dir. state.json must parse after every kill; every
    replica alive at the kill is re-adopted with the same PID (or stopped, when the target
    it was killed under says so); no duplicate after any re-adoption; nothing orphaned.
@@ -28,13 +28,26 @@ process, else a ``LocalConnector`` in this process:
    benchmark issues both the moment etcd is back; the test suite kills after the scale-up.
 5. An unwritable working dir while state is saved (library connector, ``sleep`` replicas,
    no discovery needed): the disk filling up or the dir turning read-only, during a
-   scale-up and during a scale-down (the test suite runs two of the four). Both are
-   simulated at the state store's write (it raises ``OSError(ENOSPC)`` /
-   ``OSError(EROFS)`` as the real write would), because this runs as root in CI, where
-   permission bits do not stop a write, and mounting a full filesystem is not a test's
-   business. The scale must fail with an error that names state.json and
-   the reason, the running replicas must keep running, state.json must still parse, and
-   once writable the scale must complete.
+   scale-up and during a scale-down (the test suite runs two of the four). This runs as
+   root in CI, where permission bits do not stop a write, and mounting a filesystem is
+   not a test's business: the full disk is the kernel's own ENOSPC (the state store's
+   temp file made a symlink to ``/dev/full``), the read-only dir is simulated at the
+   store's write (it raises ``OSError(EROFS)`` as the real write would). The scale must
+   fail with :class:`~connector.errors.StateWriteFailed` (503 ``state_unwritable`` over
+   HTTP), naming state.json and the reason, the running replicas must keep running,
+   state.json must still parse, and once writable the scale must complete.
+6. Connector SIGKILLs at chosen points (``up`` process): ``--point-kills`` per point, in an
+   order the seed shuffles, each followed by ``up`` again: mid scale-up (the new replica's
+   record on disk as ``starting``, its process up, or, every other time, still
+   ``spawning``), mid drain (the scale-down's victim on disk as ``stopping``, its keys out
+   of etcd, its process still serving ``/health``: no SIGTERM yet) and mid state write (the
+   state store's temp file created, not yet renamed over state.json; an inotify watch on
+   the working dir, the SIGKILL from the watching thread). Each point is found by watching
+   ``up`` from outside, no hook inside it, and checked after the kill (a kill that came too
+   late, the phase over, is a try, not a kill, and the point is tried again). Per point:
+   kills, re-adoptions (replicas running at the kill, the same pid after), stopped (a
+   replica stopping at the kill, stopped by the next connector), duplicates, orphans and
+   unreadable state.json files, all but the first two 0.
 
 Replicas are the project's mock worker (``python -m connector.mockworker``), not Dynamo's
 mocker: the mock registers in etcd exactly as ai-dynamo-runtime 1.6.1 does (one lease per
@@ -54,9 +67,9 @@ the machine use.
 The seed decides every choice (targets, victims, delays); what state each kill lands in
 is up to the machine's timing, so one seed makes the same choices, not the same history.
 
-    python -m bench.chaos [--seed N] [--kills 200] [--restarts 50] [--circusd-kills 3]
-                          [--etcd-pause 30] [--max-replicas 6] [--only 1,2,3,4,5]
-                          [--verbose]
+    python -m bench.chaos [--seed N] [--kills 200] [--restarts 50] [--point-kills 5]
+                          [--circusd-kills 3] [--etcd-pause 30] [--max-replicas 6]
+                          [--only 1,2,3,4,5,6] [--verbose]
 """
 
 from __future__ import annotations
@@ -70,6 +83,7 @@ import json
 import logging
 import os
 import random
+import select
 import signal
 import statistics
 import subprocess
@@ -89,6 +103,7 @@ import psutil
 
 from connector import procs
 from connector.discovery_etcd import etcd_endpoint
+from connector.discovery_file import Inotify
 from connector.dynamo_keys import V1_PREFIX, decode_value, parse_instance_key
 from connector.graph import Graph, Readiness, ReadinessKind, RestartPolicy, Role, Service
 from connector.graph_loader import load_graph
@@ -1071,6 +1086,343 @@ async def connector_kills(
     return dep.closed_into(result)
 
 
+# ------------------------------------------------------------------------ 6. kills at chosen points
+
+# Where scenario 6 SIGKILLs ``up``, each found by watching it from outside (state.json, the
+# replica's own /health, the state store's temp file), never by a hook inside it:
+# - mid scale-up: the new replica's record is on disk as spawning or starting;
+# - mid drain: the scale-down's victim is on disk as stopping and its process still serves
+#   /health (no SIGTERM yet: the connector was still draining it, its keys out of etcd);
+# - mid state write: the temp file state.json is written through has been created and not
+#   renamed yet (inotify on the working dir; the kill comes from the watching thread).
+KILL_POINTS = ("mid scale-up", "mid drain", "mid state write")
+KILL_POINT_POLL_S = 0.005  # state.json is read this often while a point is awaited
+KILL_POINT_LIMIT_S = 15.0  # the phase must show up within this long after the scale call
+# A kill that lands after its phase ended (the drain was over, the rename done) is no kill
+# at that point: it is counted as a try and the point is tried again, at most this often.
+KILL_POINT_TRIES = 6
+_IN_CREATE, _IN_OPEN = 0x00000100, 0x00000020
+TEMP_NAME = "state.json.tmp"  # connector.state.StateStore.temp_path
+
+
+@dataclass
+class PointStats:
+    kills: int = 0  # SIGKILLs that landed at the point
+    tries: int = 0  # SIGKILLs made for it, landed or not
+    seen: Counter[str] = field(default_factory=Counter)  # what the landed kills found
+    alive_at_kill: int = 0  # replicas running (not stopping) at a landed kill
+    readopted: int = 0  # of them, the same pid after `up` again
+    not_readopted: int = 0
+    stopped: int = 0  # replicas stopping at the kill, stopped by the next connector
+    duplicates: int = 0  # right after re-adoption and once settled
+    orphans: int = 0
+    corrupt: int = 0  # state.json unreadable after a kill
+
+
+@dataclass
+class KillPointsResult(Result):
+    points: dict[str, PointStats] = field(
+        default_factory=lambda: {p: PointStats() for p in KILL_POINTS}
+    )
+    restart_s: list[float] = field(default_factory=list)
+
+    def figures(self) -> list[tuple[str, str]]:
+        head = (
+            f"{'kills':>5} {'tries':>5} {'re-adopted':>10} {'stopped':>7} "
+            f"{'duplicates':>10} {'orphans':>7} {'corrupt state.json':>18}"
+        )
+        rows = [("kill point", head)]
+        for point, s in self.points.items():
+            readopted = f"{s.readopted}/{s.alive_at_kill}"
+            rows.append(
+                (
+                    f"  {point}",
+                    f"{s.kills:>5} {s.tries:>5} {readopted:>10} {s.stopped:>7} "
+                    f"{s.duplicates:>10} {s.orphans:>7} {s.corrupt:>18}",
+                )
+            )
+        for point, s in self.points.items():
+            found = ", ".join(f"{k} {v}" for k, v in sorted(s.seen.items())) or "n/a"
+            rows.append((f"  {point}: at the kill", found))
+        return [
+            *rows,
+            ("kill -> up serving again", _dist(self.restart_s)),
+            *_audit_figures(self),
+        ]
+
+
+def _kill_when(
+    pid: int | None, working_dir: Path, found: Callable[[dict[str, Any]], Any], limit_s: float
+) -> Any:
+    """Read state.json every KILL_POINT_POLL_S; SIGKILL ``pid`` (None: no one) the moment
+    ``found`` (of the parsed file) is not None, and return that. None: not within
+    ``limit_s``, no kill."""
+    path = working_dir / "state.json"
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None  # a corrupt file is counted after the kill
+        hit = found(data) if data is not None else None
+        if hit is not None:
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+            return hit
+        time.sleep(KILL_POINT_POLL_S)
+    return None
+
+
+def _kill_on_write(pid: int, inotify: Inotify, limit_s: float) -> bool:
+    """SIGKILL ``pid`` as soon as the state store opens its temp file (the watch is on the
+    working dir already); False: no write within ``limit_s``, no kill."""
+    deadline = time.monotonic() + limit_s
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([inotify.fd], [], [], left)
+        if ready and any(name == TEMP_NAME for _, _, name in inotify.read_events()):
+            os.kill(pid, signal.SIGKILL)
+            return True
+    return False
+
+
+def _records(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {w: r for w, r in (data.get("replicas") or {}).items() if r["component"] == COMPONENT}
+
+
+def _temp_words(working_dir: Path) -> str:
+    """What the write cut off held: the scale's new target, or what was on disk already."""
+    try:
+        cut = json.loads((working_dir / TEMP_NAME).read_text())
+        target = cut["components"][COMPONENT]["target"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "partly written"
+    if target != load_state(working_dir).components[COMPONENT].target:
+        return "whole, with the new target"
+    return "whole, the target unchanged"
+
+
+def _process_word(started: bool) -> str:
+    return "its process up" if started else "no process yet"
+
+
+async def _healthy(http: aiohttp.ClientSession, port: int | None) -> bool:
+    if port is None:
+        return False
+    try:
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with http.get(f"http://127.0.0.1:{port}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def _put_quietly(http: aiohttp.ClientSession, url: str, replicas: int) -> int | None:
+    """A scale call that may lose its connector halfway: the status, or None."""
+    body = {"replicas": replicas, "wait": False}
+    try:
+        async with http.put(f"{url}/v1/components/{COMPONENT}/replicas", json=body) as resp:
+            await resp.read()
+            return resp.status
+    except aiohttp.ClientError:
+        return None
+
+
+async def _kill_at_point(
+    dep: Deployment, point: str, max_replicas: int, nth: int = 0
+) -> tuple[bool, str, dict[str, Any]]:
+    """Set the graph up for ``point``, make the scale call that passes through it, SIGKILL
+    ``up`` there (the ``nth`` kill at this point: mid scale-up alternates between a new
+    replica starting, its process up, and one still spawning). Returns whether it was
+    killed, what the kill found (in words: the point reached, or why it missed) and the
+    records the connector had persisted before."""
+    assert dep.up is not None and dep.up.proc is not None
+    up, wd, http = dep.up, dep.working_dir, dep.http
+    current = load_state(wd).components[COMPONENT].target
+    if point == "mid drain" and current < 2:
+        current = 2  # something left to serve, and a ready replica to drain
+        await scale(http, up.url, current, wait=True)
+    elif point != "mid drain" and current >= max_replicas:
+        current -= 1  # room for one more
+        await scale(http, up.url, current, wait=True)
+    if current != load_state(wd).components[COMPONENT].target or not converged(await dep.observe()):
+        await dep.settle()
+    before = _records(json.loads((wd / "state.json").read_text()))
+    assert up.proc is not None
+    pid = up.proc.pid
+    target = current - 1 if point == "mid drain" else current + 1
+    if point == "mid state write":
+        inotify = Inotify()
+        try:
+            inotify.add_watch(wd, _IN_CREATE | _IN_OPEN)
+            watch = asyncio.create_task(
+                asyncio.to_thread(_kill_on_write, pid, inotify, KILL_POINT_LIMIT_S)
+            )
+            call = asyncio.create_task(_put_quietly(http, up.url, target))
+            killed = await watch
+        finally:
+            inotify.close()
+        await call
+        await up.kill()
+        if not killed:
+            return False, "no state write", before
+        if not (wd / TEMP_NAME).exists():
+            return True, "missed: the write was renamed first", before
+        return True, f"temp file not renamed, {await asyncio.to_thread(_temp_words, wd)}", before
+
+    ready = {w for w, r in before.items() if r["phase"] == "ready"}
+    want = ("starting", "spawning")[nth % 2]
+
+    def found(data: dict[str, Any]) -> dict[str, Any] | None:
+        for watcher, rec in _records(data).items():
+            if point == "mid scale-up" and watcher not in before:
+                if rec["phase"] == want:
+                    return rec
+            elif point == "mid drain" and watcher in ready and rec["phase"] == "stopping":
+                return rec
+        return None
+
+    # A drain's victim is killed once its keys are out of etcd too (the drain's first
+    # step), inside the settle period the drain then waits at least (connector.drain).
+    kill_pid = pid if point == "mid scale-up" else None
+    watch_task = asyncio.create_task(
+        asyncio.to_thread(_kill_when, kill_pid, wd, found, KILL_POINT_LIMIT_S)
+    )
+    call = asyncio.create_task(_put_quietly(http, up.url, target))
+    hit = await watch_task
+    if hit is not None and kill_pid is None:
+        rpc = ((hit.get("reservation") or {}).get("ports") or {}).get("rpc")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and await dep.view.keys_on_port(dep.namespace, rpc):
+            await asyncio.sleep(KILL_POINT_POLL_S)
+        os.kill(pid, signal.SIGKILL)
+    await call
+    await up.kill()
+    if hit is None:
+        return False, f"{point} never seen", before
+    if point == "mid scale-up":
+        now = _records(await asyncio.to_thread(lambda: json.loads((wd / "state.json").read_text())))
+        rec = now.get(hit["watcher"])
+        if rec is None or rec["phase"] not in ("spawning", "starting"):
+            return True, "missed: the new replica was ready first", before
+        rid = f"{rec['component']}/{rec['ordinal']}"
+        started = any(p.replica == rid for p in await asyncio.to_thread(scan, dep.run_id))
+        return True, f"new replica {rec['phase']}, {_process_word(started)}", before
+    # mid drain: no connector is left to SIGTERM the victim, so if it still serves /health
+    # now, it had not been sent SIGTERM yet: the kill landed in the drain.
+    ports = (hit.get("reservation") or {}).get("ports") or {}
+    if not await _healthy(http, ports.get("system")):
+        return True, "missed: the victim had been sent SIGTERM", before
+    keys = await dep.view.keys_on_port(dep.namespace, ports.get("rpc"))
+    return (
+        True,
+        ("draining, keys out of etcd" if not keys else "draining, keys still in etcd"),
+        before,
+    )
+
+
+async def connector_kill_points_on(
+    dep: Deployment, *, seed: int, per_point: int, max_replicas: int
+) -> KillPointsResult:
+    """Scenario 6 on an ``up`` deployment: ``per_point`` SIGKILLs of ``up`` at each of
+    :data:`KILL_POINTS`, ``up`` again after each; after each, state.json must parse, every
+    replica running at the kill is re-adopted with its pid (or stopped, when it was being
+    stopped), no duplicate right after, and once settled no orphan and a clean audit."""
+    assert dep.up is not None
+    up, wd = dep.up, dep.working_dir
+    result = KillPointsResult("connector kills at chosen points", seed)
+    if not await _ready(dep, result):
+        return result
+    # The seed orders the points; when each phase comes is the machine's doing.
+    order = [p for p in KILL_POINTS for _ in range(per_point)]
+    random.Random(seed).shuffle(order)
+    for point in order:
+        stats = result.points[point]
+        for _ in range(KILL_POINT_TRIES):
+            killed, what, _before = await _kill_at_point(dep, point, max_replicas, stats.kills)
+            if not killed:
+                result.problems.append(f"{point}: {what} within {KILL_POINT_LIMIT_S:g} s")
+                await up.start()
+                break
+            killed_at = time.monotonic()
+            stats.tries += 1
+            landed = not what.startswith("missed")
+            try:
+                state: ConnectorState | None = await asyncio.to_thread(load_state, wd)
+            except Exception as exc:  # any way it fails to parse is the finding
+                stats.corrupt += 1
+                result.problems.append(f"{point}: state.json did not parse: {exc!r}")
+                state = None
+            running: dict[str, int] = {}
+            stopping: dict[str, tuple[int, float | None]] = {}
+            if state is not None:
+                for rec in state.replicas_of(COMPONENT):
+                    if rec.pid is None or not procs.same_process(rec.pid, rec.create_time):
+                        continue
+                    if rec.phase == "stopping":
+                        stopping[rec.watcher] = (rec.pid, rec.create_time)
+                    else:
+                        running[rec.watcher] = rec.pid
+            await up.start()
+            result.restart_s.append(time.monotonic() - killed_at)
+            after = await asyncio.to_thread(load_state, wd)
+            if landed:
+                stats.kills += 1
+                stats.seen[what] += 1
+                stats.alive_at_kill += len(running)
+            for watcher, pid in sorted(running.items()):
+                now = after.replicas.get(watcher)
+                if now is not None and now.pid == pid:
+                    stats.readopted += landed
+                elif now is None or now.phase == "stopping":
+                    pass  # stopped: the target on disk at the kill says so
+                else:
+                    stats.not_readopted += landed
+                    result.problems.append(
+                        f"{point}: {now.replica_id} was pid {pid} at the kill, {now.pid} "
+                        f"({now.phase}) after re-adoption"
+                    )
+            await asyncio.sleep(0.2)  # the new connector's first passes
+            dups = duplicates_of(await asyncio.to_thread(scan, dep.run_id))
+            stats.duplicates += len(dups)
+            if dups:
+                result.problems.append(f"{point}: after re-adoption: {'; '.join(dups)}")
+            converge_s, audit = await dep.settle()
+            stats.orphans += len(audit.orphans)
+            stats.duplicates += len(audit.duplicates)
+            if converge_s is None or not audit.clean:
+                result.problems.append(f"{point}: after `up` again: {audit.lines()}")
+            for watcher, (pid, create_time) in sorted(stopping.items()):
+                if await asyncio.to_thread(procs.same_process, pid, create_time):
+                    result.problems.append(
+                        f"{point}: {watcher} (pid {pid}) was stopping at the kill and still "
+                        "runs once settled"
+                    )
+                else:
+                    stats.stopped += landed
+            if landed:
+                break
+        else:
+            result.problems.append(f"{point}: no kill landed in {KILL_POINT_TRIES} tries")
+    result.lap("chaos")
+    result.converge_s, result.audit = await dep.settle()
+    result.lap("settle")
+    return result
+
+
+async def connector_kill_points(
+    tmp: Path, etcd_url: str, *, seed: int, per_point: int, max_replicas: int = 4
+) -> KillPointsResult:
+    """Scenario 6 on a deployment of its own."""
+    async with up_deployment(
+        tmp, etcd_url, "chaos-points", replicas=2, max_replicas=max_replicas
+    ) as dep:
+        result = await connector_kill_points_on(
+            dep, seed=seed, per_point=per_point, max_replicas=max_replicas
+        )
+    result.lap("shutdown")
+    return dep.closed_into(result)
+
+
 # ------------------------------------------------------------------------ 3. circusd kills
 
 
@@ -1387,9 +1739,19 @@ def _sleep_graph(run_id: str) -> Graph:
 @contextlib.contextmanager
 def unwritable(conn: LocalConnector, code: int) -> Iterator[None]:
     """The state store's write fails as a full disk (ENOSPC) or a read-only dir (EROFS)
-    makes it fail: an OSError naming the temp file it writes first."""
+    makes it fail. A full disk is the kernel's own: the temp file every write goes through
+    is made a symlink to ``/dev/full``, whose writes fail with ENOSPC, root or not. A
+    read-only dir needs a read-only mount, so EROFS is raised at the store's write, an
+    OSError naming the temp file as the real one would."""
     store = conn.store
-    tmp = store.path.with_suffix(".json.tmp")
+    tmp = store.temp_path
+    if code == errno.ENOSPC:
+        os.symlink("/dev/full", tmp)
+        try:
+            yield
+        finally:
+            tmp.unlink()
+        return
 
     def refuse(text: str) -> None:
         raise OSError(code, os.strerror(code), str(tmp))
@@ -1425,7 +1787,11 @@ async def unwritable_state(
                 result.error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(0.3)  # passes, exits, saves with the disk still unwritable
         reason = os.strerror(code)
-        result.clear_error = "state.json" in result.error and reason in result.error
+        result.clear_error = (
+            result.error.startswith("StateWriteFailed: ")
+            and "state.json" in result.error
+            and reason in result.error
+        )
         if not result.clear_error:
             result.problems.append(f"{case}: the scale raised {result.error or 'nothing'}")
         try:
@@ -1526,6 +1892,16 @@ async def run(args: argparse.Namespace) -> int:
                 )
                 results.append((2, "connector (up) SIGKILLs, up again", r2))
                 print_result(*results[-1])
+            if 6 in only:
+                r6 = await connector_kill_points(
+                    tmp,
+                    etcd.url,
+                    seed=args.seed,
+                    per_point=args.point_kills,
+                    max_replicas=args.max_replicas,
+                )
+                results.append((6, "connector (up) SIGKILLs at chosen points, up again", r6))
+                print_result(*results[-1])
             if 3 in only:
                 r3 = await circusd_kills(tmp, etcd.url, seed=args.seed, kills=args.circusd_kills)
                 results.append((3, "circusd SIGKILLs (library)", r3))
@@ -1553,10 +1929,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
     ap.add_argument("--kills", type=int, default=200, help="replica SIGKILLs (scenario 1)")
     ap.add_argument("--restarts", type=int, default=50, help="connector SIGKILLs (scenario 2)")
+    ap.add_argument(
+        "--point-kills", type=int, default=5, help="connector SIGKILLs per point (scenario 6)"
+    )
     ap.add_argument("--circusd-kills", type=int, default=3, help="circusd SIGKILLs (scenario 3)")
     ap.add_argument("--etcd-pause", type=float, default=30.0, help="seconds (scenario 4)")
     ap.add_argument("--max-replicas", type=int, default=6, help="churn bound (scenarios 1, 2)")
-    ap.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 1,3")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,3")
     ap.add_argument("--verbose", action="store_true", help="show the connector's own log")
     args = ap.parse_args(argv)
     # The connector logs every failure the chaos provokes (with tracebacks); the figures

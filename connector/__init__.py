@@ -34,6 +34,7 @@ from connector.errors import (
     ReplicaLimit,
     ResourcesExhausted,
     ScaleTimeout,
+    StateWriteFailed,
     SupervisorUnavailable,
 )
 
@@ -87,6 +88,7 @@ __all__ = [
     "ResourcesExhausted",
     "ScaleTimeout",
     "Service",
+    "StateWriteFailed",
     "SupervisorUnavailable",
     "build_graph",
     "graph_api",

@@ -6,6 +6,7 @@ HTTP status it maps to, so the server never has to guess and never leaks a trace
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -109,6 +110,39 @@ class ResourcesExhausted(ConnectorError):
 class ConnectorClosed(ConnectorError):
     code = "connector_closed"
     http_status = 503
+
+
+class StateWriteFailed(ConnectorError):
+    """``state.json`` could not be written (disk full, read-only or vanished working dir).
+
+    What was asked for is kept in memory and carried out once a write succeeds again (the
+    loop saves every pass, and each save writes the whole state), so repeating the call
+    is safe. ``errno`` is the OS error's number, as on the :class:`OSError` it wraps."""
+
+    code = "state_unwritable"
+    http_status = 503
+    retry_after_s = 5
+
+    def __init__(self, message: str, *, os_errno: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.errno = os_errno
+
+    @classmethod
+    def from_os_error(cls, path: str, exc: OSError) -> StateWriteFailed:
+        """The error naming ``path`` (state.json) and the OS's reason (``exc``)."""
+        code = exc.errno
+        name = errno.errorcode.get(code, str(code)) if code is not None else None
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return cls(
+            f"cannot write the connector's state to {path}: {reason}"
+            + (f" ({name})" if name else "")
+            + "; what was asked for is kept in memory, written and carried out once the "
+            "working dir is writable again",
+            os_errno=code,
+            path=path,
+            errno=name,
+            reason=reason,
+        )
 
 
 class ConnectorStarting(ConnectorClosed):

@@ -6,7 +6,10 @@ create time, reservation, log paths and restart history, how to reach circusd, a
 stopped replicas still hold (processes that outlived their release, leaked GPUs).
 
 Writes go to a temp file that is fsynced and renamed over ``state.json``, so a crash at any
-point leaves either the old or the new state. A ``flock`` on ``connector.lock`` (released by
+point leaves either the old or the new state. A write the OS refuses (disk full, read-only
+dir) raises :class:`~connector.errors.StateWriteFailed` (HTTP 503 ``state_unwritable``) in
+every caller waiting on it; the state stays in memory and the next write that succeeds
+carries all of it. A ``flock`` on ``connector.lock`` (released by
 the kernel when the holder dies, even on SIGKILL) keeps two connectors off one namespace.
 """
 
@@ -23,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from connector.errors import NamespaceLocked
+from connector.errors import NamespaceLocked, StateWriteFailed
 
 STATE_VERSION = 1
 
@@ -114,6 +117,8 @@ class StateStore:
         self._next_state: ConnectorState | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.writes_total = 0  # serializations so far (benchmarks and tests count them)
+        # The last write's failure, while no write has succeeded since (raise_if_failing).
+        self.failure: StateWriteFailed | None = None
 
     def acquire(self) -> None:
         """Take the namespace lock or raise :class:`NamespaceLocked` naming the holder."""
@@ -153,8 +158,15 @@ class StateStore:
             )
         return ConnectorState.model_validate(data)
 
+    @property
+    def temp_path(self) -> Path:
+        """Where a write goes before it is renamed over :attr:`path`: always this one name
+        (one writer thread), so a crash leaves at most this file behind, and the next
+        write truncates it."""
+        return self.path.with_suffix(".json.tmp")
+
     def _write(self, text: str) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
+        tmp = self.temp_path
         with tmp.open("w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -169,7 +181,9 @@ class StateStore:
         share it. So stopping N replicas (each saving) costs a few serializations per
         :data:`SAVE_DEBOUNCE_S`, not N of the whole state. The state is serialized on the
         loop (a consistent snapshot: the loop is the only writer) and written in a thread,
-        atomically. A failed write (disk full, read-only dir) raises in every waiter."""
+        atomically. A failed write (disk full, read-only dir) raises
+        :class:`StateWriteFailed` in every waiter; the state stays as it is in memory, and
+        the next save writes all of it."""
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
@@ -188,13 +202,26 @@ class StateStore:
             assert state is not None
             try:
                 text = state.model_dump_json(indent=1)
-                await loop.run_in_executor(self._writer, self._write, text)
+                try:
+                    await loop.run_in_executor(self._writer, self._write, text)
+                except OSError as exc:
+                    self.failure = StateWriteFailed.from_os_error(str(self.path), exc)
+                    raise self.failure from exc
+                self.failure = None
             except Exception as exc:
                 waiter.set_exception(exc)
                 waiter.exception()  # retrieved: a waiter that went away logs nothing
             else:
                 waiter.set_result(None)
             self.writes_total += 1
+
+    def raise_if_failing(self) -> None:
+        """Raise :class:`StateWriteFailed` when the last write failed and none has succeeded
+        since: for a caller that does not wait for its own write (a scale without ``wait``),
+        so that it hears of a working dir known to be unwritable."""
+        failed = self.failure
+        if failed is not None:
+            raise StateWriteFailed(failed.message, os_errno=failed.errno, **failed.details)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
