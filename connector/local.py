@@ -28,15 +28,14 @@ from connector.errors import (
     InvalidReplicas,
     ReplicaBudgetExceeded,
     ReplicaLimit,
-    ResourcesExhausted,
 )
 from connector.events import Event, EventLog, Subscriber
 from connector.graph import Graph
 from connector.interop import Interop, start_interop
 from connector.options import Closeable, ConnectorOptions, default_working_dir
 from connector.planner_interface import PlannerConnectorMixin
-from connector.reconcile import Hooks, Reconciler, ResourceBroker
-from connector.state import ConnectorState, StateStore
+from connector.reconcile import PLAN_STEP, Hooks, Reconciler, ResourceBroker
+from connector.state import ComponentRecord, ConnectorState, StateStore
 from connector.status import build_view
 from connector.supervisor import (
     CircusChannel,
@@ -419,11 +418,45 @@ class LocalConnector(PlannerConnectorMixin):
         that fit are started and the exception's ``details["started"]`` names them).
         """
         rec = self._live()
-        svc = rec.require(name)
+        rec.require(name)
         if isinstance(replicas, bool) or not isinstance(replicas, int):
             raise InvalidReplicas(f"replicas must be an integer, got {replicas!r}", component=name)
         if replicas < 0:
             raise InvalidReplicas(f"replicas must be >= 0, got {replicas}", component=name)
+        self._check_target(name, replicas)
+        # The ports of the replicas to start are bind-checked in a thread, then the checks
+        # run again (the state may have moved meanwhile): from them to the plan all is
+        # synchronous, so atomic on the loop.
+        probed = await rec.probe_ports_for(name, replicas - rec.live_count(name))
+        comp = self._check_target(name, replicas)
+        before = comp.target
+        op = rec.begin_op(name, replicas, kind="scale", source=source, decision_id=decision_id)
+        with op.step("allocate"):
+            # The first step now, so a scale that cannot get resources is refused at once;
+            # the rest a step at a time, the loop free in between: awaited here when the
+            # caller waits, else in the background (a later refusal settles the op then).
+            plan = rec.plan(name, op, probed, limit=PLAN_STEP)
+            if blocking:
+                plan = await rec.plan_steps(name, op, plan)
+        if plan.more and not plan.refused and not op.done:
+            rec.continue_plan(name, op, plan)
+        if plan.refused:
+            refusal = rec.settle_refused(name, op, plan, before)
+            await rec.save()
+            raise refusal
+        rec.wake()
+        if not blocking:
+            rec.save_soon()
+            self.store.raise_if_failing()  # a dir known unwritable: 503 (the change is kept)
+            return True
+        await rec.save()
+        return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
+
+    def _check_target(self, name: str, replicas: int) -> ComponentRecord:
+        """Refuse a target outside the component's min/max or the replica budget, or for a
+        component in crashloop; return its record otherwise."""
+        rec = self._live()
+        svc = rec.require(name)
         if replicas < svc.min_replicas or (
             svc.max_replicas is not None and replicas > svc.max_replicas
         ):
@@ -445,34 +478,7 @@ class LocalConnector(PlannerConnectorMixin):
                 component=name,
                 reason=comp.crashloop_reason,
             )
-        before = comp.target
-        op = rec.begin_op(name, replicas, kind="scale", source=source, decision_id=decision_id)
-        with op.step("allocate"):
-            plan = rec.plan(name, op)
-        await rec.save()
-        if plan.refused:
-            # Keep the target at what could be started, so nothing retries in a hot loop.
-            live = [r for r in self.state.replicas_of(name) if r.phase != "stopping"]
-            comp.target = max(len(live), svc.min_replicas)
-            op.target = comp.target
-            await rec.save()
-            first = plan.refused[0]
-            rec.finish_op(op, "partial" if plan.started else "refused", first.message)
-            raise ResourcesExhausted(
-                first.message,
-                **{
-                    **first.details,
-                    "component": name,
-                    "requested": replicas,
-                    "before": before,
-                    "started": plan.started,
-                    "target": comp.target,
-                },
-            )
-        rec.wake()
-        if not blocking:
-            return True
-        return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
+        return comp
 
     def _check_graph_budget(self, targets: dict[str, int]) -> None:
         total = sum(targets.values())
@@ -531,15 +537,22 @@ class LocalConnector(PlannerConnectorMixin):
         comp.failures = []
         rec.unblock(name)
         target = comp.target
+        probed = await rec.probe_ports_for(name, target)  # every replica is replaced
         op = rec.begin_op(name, target, kind="restart", source="api")
         for replica in self.state.replicas_of(name):
             if replica.phase != "stopping":
                 rec.begin_stop(replica, op, "restart")
-        rec.plan(name, op)
-        await rec.save()
+        plan = rec.plan(name, op, probed, limit=PLAN_STEP)
+        if blocking:
+            plan = await rec.plan_steps(name, op, plan)
+        if plan.more and not plan.refused and not op.done:
+            rec.continue_plan(name, op, plan)
         rec.wake()
         if not blocking:
+            rec.save_soon()
+            self.store.raise_if_failing()  # a dir known unwritable: 503 (the change is kept)
             return True
+        await rec.save()
         return await rec.wait_op(op, timeout_s or self.options.scale_timeout_s)
 
     async def get_component_replicas(self, name: str) -> int:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from connector import procs
 from connector.adoption import Adoption
@@ -32,6 +32,7 @@ from connector.logs import (
 from connector.operations import ScaleOp
 from connector.quantities import approx_memory, format_memory
 from connector.reconcile_base import (
+    PLAN_STEP,
     Hooks,
     PlanResult,
     ReplicaHook,
@@ -41,6 +42,7 @@ from connector.reconcile_base import (
 from connector.state import ExitRecord, ReplicaRecord
 
 __all__ = [
+    "PLAN_STEP",
     "Hooks",
     "PlanResult",
     "Reconciler",
@@ -79,9 +81,9 @@ class Reconciler(Adoption):
                 await self._loop_task
         for watcher, task in list(self._tasks.items()):
             self._cancel(watcher, task)
-        for task in list(self._background):
+        for task in [*self._background, *self._planning.values()]:
             task.cancel()
-        for task in list(self._tasks.values()) + list(self._background):
+        for task in [*self._tasks.values(), *self._background, *self._planning.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._exit_watcher.close()
@@ -90,7 +92,10 @@ class Reconciler(Adoption):
         async with self._pass_lock:
             await self._observe()
             for name in self.graph.services:
-                self.plan(name)
+                planning = self._planning.get(name)
+                if planning is not None and not planning.done():
+                    continue  # a scale's plan is under way, a step at a time
+                await self.plan_steps(name, None, PlanResult(more=True))
             await self._stop_unknown_components()
         await self.save()
         await self._notify()
@@ -152,8 +157,99 @@ class Reconciler(Adoption):
             if rec.component not in self.graph.services and rec.phase != "stopping":
                 self.begin_stop(rec, None, "component left the graph")
 
-    def plan(self, name: str, op: ScaleOp | None = None) -> PlanResult:
-        """Decide and launch what one component needs now. Synchronous: atomic on the loop."""
+    def live_count(self, name: str) -> int:
+        """Replicas of ``name`` that count against its target (all but those stopping)."""
+        return sum(
+            1 for r in self.state.replicas.values() if r.component == name and r.phase != "stopping"
+        )
+
+    async def probe_ports_for(
+        self, name: str, missing: int | None = None, limit: int = PLAN_STEP
+    ) -> Collection[int]:
+        """Free ports for the replicas ``name`` is about to start (``missing``, or what
+        its target lacks now; at most ``limit``, a plan step), bind-checked in a thread:
+        :meth:`plan` reserves them without binding each port on the event loop (1,000
+        workers with 4 ports each are 4,000 binds, ~60 ms). A hint only: ``reserve`` still
+        never hands out a held port, and a port bound meanwhile moves before the process
+        starts (``prepare``)."""
+        svc = self.graph.services[name]
+        comp = self.component_record(name)
+        if missing is None:
+            if comp.crashloop or self._blocked.get(name) == comp.target:
+                return ()
+            missing = comp.target - self.live_count(name)
+        missing = min(missing, limit)
+        if not svc.ports or missing <= 0:
+            return ()
+        return await asyncio.to_thread(self.resources.probe_ports, missing * len(svc.ports))
+
+    async def plan_steps(self, name: str, op: ScaleOp | None, result: PlanResult) -> PlanResult:
+        """Go on with ``result`` (a plan's first step) a step of :data:`PLAN_STEP`
+        replicas at a time, the loop free in between, until nothing is missing or a
+        reservation is refused; returns the whole plan. Each step is one synchronous
+        :meth:`plan` that re-reads the state, so whatever happened in between (a newer
+        target, an exit) is planned from what is there: never more than the target."""
+        while result.more and not result.refused and not self._closing:
+            if op is not None and op.done:
+                break  # superseded: the newer target has its own plan
+            probed = await self.probe_ports_for(name)
+            result.extend(self.plan(name, op, probed, limit=PLAN_STEP))
+            await asyncio.sleep(0)
+        return result
+
+    def continue_plan(self, name: str, op: ScaleOp, first: PlanResult) -> None:
+        """Run the rest of a plan whose first step is done in the background (a scale
+        that does not wait): a refusal on the way settles the op as a scale that waited
+        would (target lowered to what runs, ``partial``), announced by its events."""
+
+        async def rest() -> None:
+            result = await self.plan_steps(name, op, first)
+            if result.refused and not op.done:
+                self.settle_refused(name, op, result)
+            await self.save()
+            self.wake()
+
+        task = asyncio.get_running_loop().create_task(rest())
+        self._planning[name] = task
+        task.add_done_callback(
+            lambda t: self._planning.pop(name) if self._planning.get(name) is t else None
+        )
+
+    def settle_refused(
+        self, name: str, op: ScaleOp, plan: PlanResult, before: int | None = None
+    ) -> ResourcesExhausted:
+        """A scale's reservations were refused (all, or past ``plan.started``): keep the
+        target at what could be started, so nothing retries in a hot loop, finish the op
+        ``partial`` or ``refused``, and return the error that says so."""
+        svc = self.graph.services[name]
+        comp = self.component_record(name)
+        requested = op.target
+        comp.target = max(self.live_count(name), svc.min_replicas)
+        op.target = comp.target
+        first = plan.refused[0]
+        self.finish_op(op, "partial" if plan.started else "refused", first.message)
+        return ResourcesExhausted(
+            first.message,
+            **{
+                **first.details,
+                "component": name,
+                "requested": requested,
+                "before": op.before if before is None else before,
+                "started": plan.started,
+                "target": comp.target,
+            },
+        )
+
+    def plan(
+        self,
+        name: str,
+        op: ScaleOp | None = None,
+        probed: Collection[int] = (),
+        limit: int | None = None,
+    ) -> PlanResult:
+        """Decide and launch what one component needs now. Synchronous: atomic on the loop.
+        ``probed``: ports :meth:`probe_ports_for` found free, reserved without a bind here.
+        ``limit``: start at most that many new replicas (``more`` says some are left)."""
         result = PlanResult()
         svc = self.graph.services[name]
         comp = self.component_record(name)
@@ -181,12 +277,15 @@ class Reconciler(Adoption):
         live = [r for r in recs if r.phase != "stopping"]
         missing = comp.target - len(live)
         if missing > 0 and not comp.crashloop and self._blocked.get(name) != comp.target:
+            if limit is not None and missing > limit:
+                result.more = True
+                missing = limit
             for _ in range(missing):
                 ordinal = comp.next_ordinal
                 replica_id = f"{name}/{ordinal}"
                 try:
                     reservation = self.resources.reserve(
-                        replica_id, name, svc.resources, svc.ports, svc.sockets
+                        replica_id, name, svc.resources, svc.ports, svc.sockets, probed=probed
                     )
                 except ResourcesExhausted as exc:
                     result.refused.append(exc)
@@ -215,6 +314,9 @@ class Reconciler(Adoption):
                     trace_id=op.trace_id if op else None,
                 )
         elif missing < 0:
+            if limit is not None and -missing > limit:
+                result.more = True
+                missing = -limit
             # Not-ready first, then newest.
             victims = sorted(live, key=lambda r: (r.phase == "ready", -r.ordinal))[:-missing]
             for rec in victims:

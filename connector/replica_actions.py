@@ -81,6 +81,12 @@ class ReplicaActions(ReconcilerBase):
         res: ReservationLike = self.resources.reservation_from_dict(rec.reservation)
         return res
 
+    def _prepare_files(self, replica_id: str) -> tuple[Any, list[str]]:
+        """The log folder and the resource manager's ``prepare``, in one thread hop per
+        spawn (blocking: mkdir, unlink, binds)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.resources.prepare(replica_id)
+
     async def _prepare_allocation(self, rec: ReplicaRecord, restart: bool) -> bool:
         """Make the replica's allocation usable right before its process (re)starts: stale
         socket files go, and ports a foreign process bound since they were reserved (or
@@ -88,8 +94,9 @@ class ReplicaActions(ReconcilerBase):
         port moved: the record has the new ports and the old watcher, whose env names the
         old ones, is gone."""
         if not rec.reservation:
+            await asyncio.to_thread(self.log_dir.mkdir, parents=True, exist_ok=True)
             return False
-        reservation, moves = await asyncio.to_thread(self.resources.prepare, rec.replica_id)
+        reservation, moves = await asyncio.to_thread(self._prepare_files, rec.replica_id)
         if not moves:
             return False
         rec.reservation = reservation.to_dict()
@@ -114,14 +121,13 @@ class ReplicaActions(ReconcilerBase):
         argv = [templates.expand(a, values) for a in (*svc.command, *svc.args)]
         prefix = launcher_prefix(reservation.cpus if reservation else ())
         argv = prefix + argv
-        started = False
+        reply: dict[str, Any] | None = None
         if restart:
             try:
-                await self.channel.call("start", name=rec.watcher, waiting=True)
-                started = True
+                reply = await self.channel.call("start", name=rec.watcher, waiting=True)
             except CircusCommandError:
-                started = False  # watcher gone (e.g. circusd was replaced): add it anew
-        if not started:
+                reply = None  # watcher gone (e.g. circusd was replaced): add it anew
+        if reply is None:
             options: dict[str, Any] = {
                 "env": self._replica_env(svc, rec, reservation),
                 "copy_env": False,
@@ -132,8 +138,7 @@ class ReplicaActions(ReconcilerBase):
                 "working_dir": svc.working_dir or str(Path.cwd()),
                 **circus_stream_options(rec.log_paths, self.log_policy),
             }
-            await asyncio.to_thread(self.log_dir.mkdir, parents=True, exist_ok=True)
-            await self.channel.call(
+            reply = await self.channel.call(
                 "add",
                 name=rec.watcher,
                 cmd=argv[0],
@@ -142,8 +147,15 @@ class ReplicaActions(ReconcilerBase):
                 waiting=True,
                 options=options,
             )
-        reply = await self.channel.call("list", name=rec.watcher)
-        pids = [int(p) for p in reply.get("pids", [])]
+        # circusd answers a waited start (and an add with start) with the pids it started
+        # ("started") or found running ("kept"): no `list` round trip per replica, which
+        # took ~1.2 ms of the one serialized channel each. A circusd that answers
+        # without them is asked.
+        if "started" in reply or "kept" in reply:
+            pids = [int(p) for p in (*reply.get("started", ()), *reply.get("kept", ()))]
+        else:
+            listed = await self.channel.call("list", name=rec.watcher)
+            pids = [int(p) for p in listed.get("pids", [])]
         if not pids:
             raise ExitedAtOnce(rec.watcher)
         return pids[0]

@@ -11,10 +11,11 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
@@ -283,6 +284,101 @@ def port_holder(port: int) -> str:
     return "another process"
 
 
+def probe_free_ports(
+    port_range: tuple[int, int], start: int, count: int, taken: Iterable[int]
+) -> frozenset[int]:
+    """Up to ``count`` ports of ``port_range`` that bind now, scanning from ``start`` the
+    way a reservation does and skipping ``taken``. Blocking (binds): call it in a thread.
+    What a reservation of many replicas is given, so its bind checks stay off the loop."""
+    lo, hi = port_range
+    span = hi - lo + 1
+    skip = set(taken)
+    found: set[int] = set()
+    port = lo + (start - lo) % span
+    for _ in range(span):
+        if len(found) >= count:
+            break
+        if port not in skip and port_free(port):
+            found.add(port)
+        port = lo + (port - lo + 1) % span
+    return frozenset(found)
+
+
+class HoldIndex:
+    """What every hold uses together (ports, socket paths, pinned cores, CPU, memory), kept
+    up to date with each change to the holds. A reservation then checks a port or sums
+    the CPU in O(1) instead of walking every hold, which made a scale of N replicas
+    quadratic (1,000 replicas with 4 ports each spent ~0.4 s building the set of taken
+    ports alone). CPU is summed as exact fractions, so adding and removing holds never
+    drifts from the plain sum."""
+
+    def __init__(self) -> None:
+        self.ports: dict[int, int] = {}  # port -> number of holds (normally 1)
+        self.sockets: dict[str, int] = {}
+        self.pinned: dict[int, int] = {}
+        self.cpu = Fraction(0)
+        self.memory = 0
+
+    @staticmethod
+    def _count(counts: dict[Any, int], keys: Iterable[Any], by: int) -> None:
+        for key in keys:
+            left = counts.get(key, 0) + by
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+    def change(self, r: Reservation, by: int) -> None:
+        """Count ``r`` in (``by`` 1) or out (-1)."""
+        self._count(self.ports, r.ports.values(), by)
+        if r.sockets:
+            self._count(self.sockets, r.sockets.values(), by)
+        if r.cpus:
+            self._count(self.pinned, r.cpus, by)
+        if r.cpu_cores:
+            self.cpu += by * Fraction(r.cpu_cores)
+        self.memory += by * r.memory_bytes
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class IndexedHolds(dict[_K, _V]):
+    """A dict of holds that keeps a :class:`HoldIndex` in step with every insert, replace
+    and removal (``reservation_of`` says which reservation an entry holds)."""
+
+    def __init__(self, index: HoldIndex, reservation_of: Callable[[_V], Reservation]) -> None:
+        super().__init__()
+        self._index = index
+        self._of = reservation_of
+
+    def __setitem__(self, key: _K, value: _V) -> None:
+        if key in self:
+            self._index.change(self._of(self[key]), -1)
+        super().__setitem__(key, value)
+        self._index.change(self._of(value), 1)
+
+    def __delitem__(self, key: _K) -> None:
+        self._index.change(self._of(self[key]), -1)
+        super().__delitem__(key)
+
+    def pop(self, key: _K, *default: Any) -> Any:
+        if key in self:
+            self._index.change(self._of(self[key]), -1)
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        for value in self.values():
+            self._index.change(self._of(value), -1)
+        super().clear()
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("IndexedHolds supports [k] = v, del, pop and clear only")
+
+    update = setdefault = popitem = __ior__ = _unsupported
+
+
 class ResourceState:
     """What a resource manager holds (reservations, lingering holds, leaked GPUs, the
     last NVML sample) and the queries every part of it asks."""
@@ -310,11 +406,14 @@ class ResourceState:
         self.gpu_backend = gpu_backend
         self.on_event = on_event
         self._lock = threading.RLock()
-        self._held: dict[str, Reservation] = {}
+        # Every hold (replicas' and lingering ones) counted together, so reservations check
+        # what is taken in O(1).
+        self._index = HoldIndex()
+        self._held: dict[str, Reservation] = IndexedHolds(self._index, lambda r: r)
         self._leaked: dict[str, Leak] = {}  # uuid -> whose processes hold it, and why
         # Reservations of stopped replicas whose processes outlived the release timeout,
         # by id() of the reservation (a new replica may reuse the replica id meanwhile).
-        self._lingering: dict[int, Lingering] = {}
+        self._lingering: dict[int, Lingering] = IndexedHolds(self._index, lambda g: g.reservation)
         self._lists_processes: set[str] = set()  # GPUs NVML has listed processes for
         self._foreign_busy: dict[str, int] = {}  # uuid -> bytes used by processes not ours
         self._last_sample: list[GpuSample] = []

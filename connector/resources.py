@@ -55,6 +55,7 @@ from connector.reservation import (
     plural,
     port_free,
     port_holder,
+    probe_free_ports,
     short_uuid,
     visible_gpus,
 )
@@ -116,6 +117,8 @@ class ResourceManager(ReleaseTracking):
         request: ResourceRequest,
         ports: Sequence[PortSpec] = (),
         sockets: Sequence[SocketSpec] = (),
+        *,
+        probed: Collection[int] = (),
     ) -> Reservation:
         """Reserve everything one replica needs, or nothing.
 
@@ -124,6 +127,8 @@ class ResourceManager(ReleaseTracking):
         rest). Synchronous with no await: atomic on the event loop, and locked for threads.
         A replica that already holds a reservation gets it back unchanged. Nothing is
         written to disk here: :meth:`prepare` does that before the process starts.
+        ``probed``: ports :meth:`probe_ports` found bindable just before (in a thread), taken
+        without binding them again here; any other port is bind-checked as it is picked.
         """
         with self._lock:
             existing = self._held.get(replica_id)
@@ -133,7 +138,7 @@ class ResourceManager(ReleaseTracking):
             gpus, fraction = self._pick_gpus(label, request.gpu)
             cores = self._check_cpu(label, request, gpus)
             self._check_memory(label, request.memory_bytes)
-            port_map = self._pick_ports(label, ports)
+            port_map = self._pick_ports(label, ports, probed)
             socket_map = self._socket_paths(component, replica_id, sockets)
             env_names = {f"port.{p.name}": p.env for p in ports if p.env}
             env_names.update({f"socket.{s.name}": s.env for s in sockets if s.env})
@@ -240,9 +245,7 @@ class ResourceManager(ReleaseTracking):
         self, label: str, request: ResourceRequest, gpus: Sequence[str] = ()
     ) -> tuple[int, ...]:
         total = float(len(self.inventory.cpus))
-        # Summed only when asked for: a scale of many replicas that request no CPU stays
-        # linear instead of adding up every reservation once per replica.
-        used = sum(r.cpu_cores for _, r in self._holds()) if request.cpu else 0.0
+        used = float(self._index.cpu)
         if request.cpu and used + request.cpu > total + EPS:
             raise self._exhausted(
                 f"{label} needs {plural(request.cpu, 'CPU core')}, "
@@ -253,7 +256,7 @@ class ResourceManager(ReleaseTracking):
             )
         if not request.pin_cpus or not request.cpu:
             return ()
-        pinned = {c for _, r in self._holds() for c in r.cpus}
+        pinned = self._index.pinned
         free = [c for c in self.inventory.cpus if c not in pinned]
         want = math.ceil(request.cpu)
         if len(free) < want:
@@ -281,8 +284,7 @@ class ResourceManager(ReleaseTracking):
     def _check_memory(self, label: str, amount: int) -> None:
         if not amount:
             return
-        used = sum(r.memory_bytes for _, r in self._holds())
-        free = self.inventory.memory_bytes - used
+        free = self.inventory.memory_bytes - self._index.memory
         if amount > free:
             raise self._exhausted(
                 f"{label} needs {format_memory(amount)} of memory, "
@@ -292,10 +294,12 @@ class ResourceManager(ReleaseTracking):
                 kind="memory",
             )
 
-    def _pick_ports(self, label: str, specs: Sequence[PortSpec]) -> dict[str, int]:
+    def _pick_ports(
+        self, label: str, specs: Sequence[PortSpec], probed: Collection[int] = ()
+    ) -> dict[str, int]:
         if not specs:
             return {}
-        taken = {p for _, r in self._holds() for p in r.ports.values()}
+        taken = self._index.ports
         lo, hi = self.port_range
         span = hi - lo + 1
         out: dict[str, int] = {}
@@ -305,7 +309,9 @@ class ResourceManager(ReleaseTracking):
             tried += 1
             candidate = port
             port = lo + (port - lo + 1) % span
-            if candidate in taken or candidate in out.values() or not port_free(candidate):
+            if candidate in taken or candidate in out.values():
+                continue
+            if candidate not in probed and not port_free(candidate):
                 continue
             out[specs[len(out)].name] = candidate
         if len(out) < len(specs):
@@ -319,6 +325,18 @@ class ResourceManager(ReleaseTracking):
             )
         self._next_port = port
         return out
+
+    def probe_ports(self, count: int) -> frozenset[int]:
+        """Up to ``count`` ports that the next reservations would pick and that bind now
+        (no hold has them), for :meth:`reserve`'s ``probed``: the reconcile loop probes the
+        ports of a scale of many replicas here, in a thread, instead of binding each on the
+        event loop while it plans. Blocking (binds): call it in a thread."""
+        if count <= 0:
+            return frozenset()
+        with self._lock:
+            start = self._next_port
+            taken = list(self._index.ports)
+        return probe_free_ports(self.port_range, start, count, taken)
 
     def prepare(self, replica_id: str) -> tuple[Reservation | None, list[str]]:
         """Just before a replica's process (re)starts: its socket folder exists, no stale
@@ -368,7 +386,7 @@ class ResourceManager(ReleaseTracking):
         if not specs:
             return {}
         base = self.working_dir / "sock"
-        held = {p for _, r in self._holds() for p in r.sockets.values()}
+        held = self._index.sockets
         out: dict[str, str] = {}
         for spec in specs:
             name = f"{component.lower()}-{ordinal_of(replica_id)}-{spec.name}"
@@ -441,10 +459,14 @@ class ResourceManager(ReleaseTracking):
                 out.append(f"{short_uuid(uuid)} is held whole by {whole}")
             elif fraction and (not r.gpu_fraction or fraction + r.gpu_fraction > 1 + EPS):
                 out.append(f"{short_uuid(uuid)} is {fraction:g} taken by fractions")
-        ports = {p: who for who, o in self._holds() for p in o.ports.values()}
-        out += [f"port {p} is held by {ports[p]}" for p in r.ports.values() if p in ports]
-        cpus = {c: who for who, o in self._holds() for c in o.cpus}
-        out += [f"CPU {c} is pinned by {cpus[c]}" for c in r.cpus if c in cpus]
+        # The index says whether anything clashes; the holders are looked up only then, so
+        # adopting N replicas stays linear.
+        if any(p in self._index.ports for p in r.ports.values()):
+            ports = {p: who for who, o in self._holds() for p in o.ports.values()}
+            out += [f"port {p} is held by {ports[p]}" for p in r.ports.values() if p in ports]
+        if any(c in self._index.pinned for c in r.cpus):
+            cpus = {c: who for who, o in self._holds() for c in o.cpus}
+            out += [f"CPU {c} is pinned by {cpus[c]}" for c in r.cpus if c in cpus]
         return out
 
     def adopt_dict(self, data: Mapping[str, Any]) -> Reservation:

@@ -101,7 +101,10 @@ class CircusChannel:
     ) -> dict[str, Any]:
         """Run one command; retries while circusd is busy, raises on anything else."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s) + self.busy_retry_s
-        delay = 0.005
+        # circusd is busy mostly with its own periodic check of every watcher (a few ms with
+        # hundreds of them): retry soon, then back off, so a scale-up does not sit idle
+        # for longer than circusd was busy.
+        delay = 0.001
         while True:
             reply = await self._call_once(command, timeout_s or self.timeout_s, properties)
             if reply.get("status") == "ok":
@@ -117,7 +120,7 @@ class CircusChannel:
                         command=command,
                     )
                 await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.2)
+                delay = min(delay * 2, 0.05)
                 continue
             self.errors += 1
             raise CircusCommandError(command, reason, errno)
