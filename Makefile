@@ -15,7 +15,7 @@ setup:
 ## The model folder (examples/models/, not committed) is written once; the graph finds it
 ## through its workingDir, so `up` works from any directory.
 demo: setup
-	$(PY) -m connector.tiny_model examples/models >/dev/null
+	$(PY) -m connector.dynamo.tiny_model examples/models >/dev/null
 	$(VENV)/bin/dynamo-local up $(GRAPH) $(UP_ARGS)
 
 ## Sets up everything (virtualenv, Debian packages for real servers) and runs lint + the suite.

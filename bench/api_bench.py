@@ -164,9 +164,9 @@ async def run_wrk(url: str, rate: float, seconds: float, tmp: Path) -> dict[str,
 
 
 async def start_demo(graph_path: Path, working_dir: Path) -> tuple[Any, Any, Any]:
-    from connector.graph_loader import load_graph
+    from connector.api.server import create_app, start_server
+    from connector.graph.loader import load_graph
     from connector.local import ConnectorOptions, LocalConnector
-    from connector.server import create_app, start_server
     from exporter.service import build_exporter
 
     graph = await asyncio.to_thread(load_graph, graph_path)

@@ -101,14 +101,14 @@ import aetcd
 import aiohttp
 import psutil
 
-from connector import procs
-from connector.discovery_etcd import etcd_endpoint
-from connector.discovery_file import Inotify
-from connector.dynamo_keys import V1_PREFIX, decode_value, parse_instance_key
-from connector.graph import Graph, Readiness, ReadinessKind, RestartPolicy, Role, Service
-from connector.graph_loader import load_graph
+from connector.dynamo.discovery.etcd import etcd_endpoint
+from connector.dynamo.discovery.file import Inotify
+from connector.dynamo.discovery.keys import V1_PREFIX, decode_value, parse_instance_key
+from connector.graph.loader import load_graph
+from connector.graph.model import Graph, Readiness, ReadinessKind, RestartPolicy, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
-from connector.state import ConnectorState
+from connector.reconcile.state import ConnectorState
+from connector.supervision import procs
 from tests.servers import EtcdServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1102,7 +1102,7 @@ KILL_POINT_LIMIT_S = 15.0  # the phase must show up within this long after the s
 # at that point: it is counted as a try and the point is tried again, at most this often.
 KILL_POINT_TRIES = 6
 _IN_CREATE, _IN_OPEN = 0x00000100, 0x00000020
-TEMP_NAME = "state.json.tmp"  # connector.state.StateStore.temp_path
+TEMP_NAME = "state.json.tmp"  # connector.reconcile.state.StateStore.temp_path
 
 
 @dataclass
@@ -1282,7 +1282,7 @@ async def _kill_at_point(
         return None
 
     # A drain's victim is killed once its keys are out of etcd too (the drain's first
-    # step), inside the settle period the drain then waits at least (connector.drain).
+    # step), inside the settle period the drain then waits at least (connector.dynamo.drain).
     kill_pid = pid if point == "mid scale-up" else None
     watch_task = asyncio.create_task(
         asyncio.to_thread(_kill_when, kill_pid, wd, found, KILL_POINT_LIMIT_S)

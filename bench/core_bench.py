@@ -24,9 +24,9 @@ from pathlib import Path
 
 from circus.client import CircusClient
 
-from connector.graph import Graph, PortSpec, Readiness, ReadinessKind, Role, Service
+from connector.graph.model import Graph, PortSpec, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
-from connector.supervisor import start_circusd, stop_circusd
+from connector.supervision.circus import start_circusd, stop_circusd
 
 WORKER = (
     "import socket, sys, time, os\n"

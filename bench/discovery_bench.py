@@ -27,8 +27,8 @@ from pathlib import Path
 
 import aetcd
 
-from connector.discovery_etcd import etcd_endpoint
-from connector.graph import Graph, PortSpec, Readiness, ReadinessKind, Role, Service
+from connector.dynamo.discovery.etcd import etcd_endpoint
+from connector.graph.model import Graph, PortSpec, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
 from tests.servers import EtcdServer
 

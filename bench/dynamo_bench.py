@@ -39,11 +39,11 @@ from pathlib import Path
 import aetcd
 
 from connector import defaults
-from connector.discovery_etcd import etcd_endpoint
-from connector.drain import SETTLE_S
-from connector.graph_loader import load_graph
+from connector.dynamo.discovery.etcd import etcd_endpoint
+from connector.dynamo.drain import SETTLE_S
+from connector.dynamo.tiny_model import write_tiny_model
+from connector.graph.loader import load_graph
 from connector.local import ConnectorOptions, LocalConnector
-from connector.tiny_model import write_tiny_model
 from tests.dynamo_helpers import SYSTEM_PORT_BELOW, TINY_MODEL_NAME, dynamo_env, dynamo_missing
 from tests.servers import EtcdServer, free_port
 

@@ -179,7 +179,7 @@ async def bench_ours(
     reader = BenchReader(procs)
     gpu: Any = None
     if nvml_capture:
-        from connector.nvml import FakeGpuBackend
+        from connector.resources.nvml import FakeGpuBackend
 
         # The capture's GPU process becomes the first replica's, so attribution runs too.
         captured = json.loads(Path(nvml_capture).read_text())["devices"][0]["compute_procs"]

@@ -38,13 +38,13 @@ import aiohttp
 import psutil
 from circus.client import CircusClient
 
-from connector import dynamo_defaults
-from connector.graph import Graph, Readiness, ReadinessKind, Role, Service
-from connector.launcher import launcher_prefix
+from connector.api.server import create_app, start_server
+from connector.graph import dynamo_defaults
+from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
-from connector.logs import LogPolicy, circus_stream_options, log_paths
-from connector.server import create_app, start_server
-from connector.supervisor import start_circusd, stop_circusd
+from connector.supervision.circus import start_circusd, stop_circusd
+from connector.supervision.launcher import launcher_prefix
+from connector.supervision.logs import LogPolicy, circus_stream_options, log_paths
 
 UP_RATIO_GOAL = 1.5
 PUT_GOAL_MS = 50.0

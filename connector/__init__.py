@@ -40,8 +40,8 @@ from connector.errors import (
 
 if TYPE_CHECKING:
     from connector import graph_api
-    from connector.graph import Graph, Service
-    from connector.graph_loader import build_graph, load_graph
+    from connector.graph.loader import build_graph, load_graph
+    from connector.graph.model import Graph, Service
     from connector.local import LocalConnector
     from connector.options import ConnectorOptions
 
@@ -49,10 +49,10 @@ if TYPE_CHECKING:
 _LAZY = {
     "LocalConnector": "connector.local",
     "ConnectorOptions": "connector.options",
-    "Graph": "connector.graph",
-    "Service": "connector.graph",
-    "load_graph": "connector.graph_loader",
-    "build_graph": "connector.graph_loader",
+    "Graph": "connector.graph.model",
+    "Service": "connector.graph.model",
+    "load_graph": "connector.graph.loader",
+    "build_graph": "connector.graph.loader",
 }
 
 

@@ -14,7 +14,7 @@
 ``dynamo-local up module:demo`` (or ``module:frontend``, the root service) runs it.
 
 Each declaration turns into the same raw ``DynamoGraphDeployment`` mapping a YAML file
-holds, and :func:`graph` validates it with :func:`connector.graph_loader.build_graph`: the
+holds, and :func:`graph` validates it with :func:`connector.graph.loader.build_graph`: the
 rules and messages are the YAML ones, so messages name YAML fields (``replicas``,
 ``local.maxReplicas``, ``extraPodSpec.mainContainer.command``).
 """
@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from connector.errors import GraphError
-from connector.graph import Graph, Role, SubComponentType
-from connector.graph_loader import KIND, build_graph
+from connector.graph.loader import KIND, build_graph
+from connector.graph.model import Graph, Role, SubComponentType
 
 API_VERSION = "nvidia.com/v1alpha1"
 
@@ -144,7 +144,7 @@ def depends(source: ServiceDecl, *targets: ServiceDecl | str) -> ServiceDecl:
 def graph(name: str, *services: ServiceDecl, namespace: str | None = None) -> Graph:
     """Validate the services, and every service they depend on, into a :class:`Graph`.
 
-    The namespace follows the YAML rule (see :mod:`connector.graph_loader`): the services'
+    The namespace follows the YAML rule (see :mod:`connector.graph.loader`): the services'
     shared ``dynamo_namespace``, else ``namespace``, else ``name``. Raises
     :class:`GraphError` with messages that start ``graph '<name>':``.
     """

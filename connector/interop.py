@@ -19,33 +19,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from connector.discovery import Discovery
-from connector.discovery_bridge import DiscoveryBridge
-from connector.discovery_open import open_discovery
-from connector.errors import DiscoveryUnavailable
-from connector.events import EventLog
-from connector.graph import Graph, SubComponentType
-from connector.options import ConnectorOptions
-from connector.planner import VirtualConnectorExecutor
-from connector.planner_targets import (
+from connector.dynamo.discovery.backends import open_discovery
+from connector.dynamo.discovery.bridge import DiscoveryBridge
+from connector.dynamo.discovery.cache import Discovery
+from connector.dynamo.planner.executor import VirtualConnectorExecutor
+from connector.dynamo.planner.targets import (
     DecisionOutcome,
     Scaler,
     apply_decision,
     resolve_component,
 )
+from connector.dynamo.prefill_queue import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
+from connector.dynamo.topology import build_topology, observe_links
+from connector.errors import DiscoveryUnavailable
+from connector.events import EventLog
+from connector.graph.model import Graph, SubComponentType
+from connector.options import ConnectorOptions
 from connector.policy.binding import bind
 from connector.policy.driver import Policies
-from connector.queues import DEFAULT_CONSUMER, PrefillQueueMonitor, default_stream
-from connector.reconcile import Hooks
-from connector.state import ConnectorState
-from connector.topology import build_topology, observe_links
+from connector.reconcile.loop import Hooks
+from connector.reconcile.state import ConnectorState
 from connector.view import ConnectorView
 
 
 class InteropHost(Scaler, Protocol):
     """What interop needs of the connector it serves (LocalConnector is one): typed here,
     so that this module does not import the connector that starts it. It scales as the
-    Planner's decisions need (:class:`connector.planner.Scaler`)."""
+    Planner's decisions need (:class:`connector.dynamo.planner.targets.Scaler`)."""
 
     graph: Graph
     state: ConnectorState

@@ -6,6 +6,12 @@ discovery and the reconcile loop for one namespace.
 
 Every mutating call only changes the desired state and wakes the reconcile loop; the loop
 is the one place that starts and stops processes.
+
+Over 500 lines because it is the whole public surface: every call the HTTP API, the CLI, the
+Planner (Dynamo's ``PlannerConnector`` methods) and a library user make has its entry here,
+with its docstring, and each delegates in a few lines (circusd to
+:class:`~connector.supervision.daemon.CircusSupervisor`, the checks of a target to
+:mod:`connector.reconcile.targets`, the rest to the loop, the resources and interop).
 """
 
 from __future__ import annotations
@@ -19,31 +25,26 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from connector import defaults, dynamo_defaults, procs
+from connector import defaults
+from connector.dynamo.planner.interface import PlannerConnectorMixin
 from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
     ConnectorStarting,
-    CrashLoop,
     InvalidReplicas,
-    ReplicaBudgetExceeded,
-    ReplicaLimit,
 )
 from connector.events import Event, EventLog, Subscriber
-from connector.graph import Graph
+from connector.graph import dynamo_defaults
+from connector.graph.model import Graph
 from connector.interop import Interop, start_interop
 from connector.options import Closeable, ConnectorOptions, default_working_dir
-from connector.planner_interface import PlannerConnectorMixin
-from connector.reconcile import PLAN_STEP, Hooks, Reconciler, ResourceBroker
-from connector.state import ComponentRecord, ConnectorState, StateStore
-from connector.status import build_view
-from connector.supervisor import (
-    CircusChannel,
-    CircusdInfo,
-    CircusEvents,
-    start_circusd,
-    stop_circusd,
-)
+from connector.reconcile import targets
+from connector.reconcile.loop import PLAN_STEP, Hooks, Reconciler, ResourceBroker
+from connector.reconcile.state import ComponentRecord, ConnectorState, StateStore
+from connector.reconcile.status import build_view
+from connector.supervision import procs
+from connector.supervision.circus import CircusChannel
+from connector.supervision.daemon import CircusSupervisor
 from connector.view import ConnectorView
 
 __all__ = ["ConnectorOptions", "LocalConnector", "default_working_dir"]
@@ -86,12 +87,14 @@ class LocalConnector(PlannerConnectorMixin):
         self.resources: ResourceBroker | None = None
         self.reconciler: Reconciler | None = None
         self.hooks = Hooks(service_env=dynamo_defaults.service_env)
-        self._circusd: CircusdInfo | None = None
-        self._channel: CircusChannel | None = None
-        self._circus_events: CircusEvents | None = None
+        self.supervisor = CircusSupervisor(
+            self.working_dir / "circus",
+            check_delay_s=self.options.circus_check_delay_s,
+            endpoint=self.options.circus_endpoint,
+            pubsub_endpoint=self.options.circus_pubsub_endpoint,
+        )
         self._initialized = False
         self._starting = False  # initialize() is under way: callers are told to retry
-        self._started_circusd = False
         self._closed = False
         # Set once initialize() has finished (or failed) or shutdown() began: what
         # wait_started() waits on.
@@ -125,7 +128,7 @@ class LocalConnector(PlannerConnectorMixin):
 
         or ``async with await LocalConnector.create(...) as c:`` (entering again is a
         no-op; leaving shuts down). ``options`` are :class:`ConnectorOptions` fields."""
-        from connector.graph_loader import load_graph
+        from connector.graph.loader import load_graph
 
         graph = await asyncio.to_thread(load_graph, bento_identifier)
         connector = cls(
@@ -162,7 +165,9 @@ class LocalConnector(PlannerConnectorMixin):
             if not self._initialized:
                 raise ConnectorClosed("the connector failed to start")
             return
-        self._check_graph_budget({n: s.replicas for n, s in self.graph.services.items()})
+        targets.check_graph_budget(
+            self.replica_budget, {n: s.replicas for n, s in self.graph.services.items()}
+        )
         self._starting = True
         try:
             await asyncio.to_thread(self.store.acquire)
@@ -172,7 +177,7 @@ class LocalConnector(PlannerConnectorMixin):
                 # A circusd we started just now must not outlive a failed start; one we
                 # re-attached to keeps running the replicas it already had.
                 self._settled.set()
-                await self._teardown(detach=not self._started_circusd)
+                await self._teardown(detach=not self.supervisor.started)
                 raise
             self._initialized = True
         finally:
@@ -191,36 +196,38 @@ class LocalConnector(PlannerConnectorMixin):
             self.state = loaded
             self.state.graph_source = self.graph.source
         self.resources = await self._make_resources()
-        await self._attach_supervisor()
-        assert self._channel is not None
+        self.state.circusd = (await self.supervisor.attach(self.state.circusd)).to_dict()
+        await self.store.save(self.state)
+        assert self.supervisor.channel is not None
         self.reconciler = Reconciler(
             namespace=self.namespace,
             graph=self.graph,
             state=self.state,
             store=self.store,
-            channel=self._channel,
+            channel=self.supervisor.channel,
             events=self.events,
             resources=self.resources,
             log_dir=self.working_dir / "logs",
             hooks=self.hooks,
             resync_s=self.options.resync_s,
-            circusd_alive=self._owned_circusd_alive,
+            circusd_alive=self.supervisor.alive,
             recover_supervisor=self._restart_circusd,
         )
         await self._start_interop()
-        self._subscribe_circus_events()
+        self.supervisor.subscribe(self.reconciler.watcher_prefix, self.reconciler.on_circus_event)
         report = await self.reconciler.adopt()
         if report["adopted"] or report["stray"] or report["lost"]:
             log.info("re-adoption: %s", report)
         self._clamp_targets()
-        self._check_graph_budget(
-            {n: self.reconciler.component_record(n).target for n in self.graph.services}
+        targets.check_graph_budget(
+            self.replica_budget,
+            {n: self.reconciler.component_record(n).target for n in self.graph.services},
         )
         self.reconciler.start()
         await self.reconciler.reconcile_once()
 
     async def _make_resources(self) -> ResourceBroker:
-        from connector.resources import open_resource_manager
+        from connector.resources.manager import open_resource_manager
 
         manager = await open_resource_manager(
             self.options.gpu_backend,
@@ -246,55 +253,11 @@ class LocalConnector(PlannerConnectorMixin):
             upper = svc.max_replicas if svc.max_replicas is not None else comp.target
             comp.target = max(svc.min_replicas, min(comp.target, upper))
 
-    async def _attach_supervisor(self) -> None:
-        opts = self.options
-        if opts.circus_endpoint:
-            pubsub = opts.circus_pubsub_endpoint or ""
-            self._circusd = CircusdInfo(opts.circus_endpoint, pubsub, owned=False)
-        else:
-            recorded = CircusdInfo.from_dict(self.state.circusd) if self.state.circusd else None
-            if recorded is not None and recorded.owned and recorded.process_alive():
-                self._circusd = recorded  # re-attach: it kept our replicas alive
-            else:
-                self._circusd = await start_circusd(
-                    self.working_dir / "circus", check_delay=opts.circus_check_delay_s
-                )
-                self._started_circusd = True
-        self.state.circusd = self._circusd.to_dict()
-        self._channel = CircusChannel(self._circusd.endpoint)
-        await self._channel.call("list")  # fail now, clearly, if it does not answer
-        await self.store.save(self.state)
-
-    def _subscribe_circus_events(self) -> None:
-        assert self.reconciler is not None and self._circusd is not None
-        if not self._circusd.pubsub_endpoint:
-            return
-        if self._circus_events is not None:
-            return
-        self._circus_events = CircusEvents(
-            self._circusd.pubsub_endpoint,
-            self.reconciler.watcher_prefix,
-            self.reconciler.on_circus_event,
-        )
-        self._circus_events.start()
-
-    def _owned_circusd_alive(self) -> bool:
-        info = self._circusd
-        return info is None or not info.owned or info.process_alive()
-
     async def _restart_circusd(self) -> CircusChannel:
-        if self._circus_events is not None:
-            await self._circus_events.stop()
-            self._circus_events = None
-        if self._channel is not None:
-            self._channel.close()
-        self._circusd = await start_circusd(
-            self.working_dir / "circus", check_delay=self.options.circus_check_delay_s
-        )
-        self.state.circusd = self._circusd.to_dict()
-        self._channel = CircusChannel(self._circusd.endpoint)
-        self._subscribe_circus_events()
-        return self._channel
+        channel = await self.supervisor.restart()
+        assert self.supervisor.info is not None
+        self.state.circusd = self.supervisor.info.to_dict()
+        return channel
 
     async def shutdown(self, detach: bool = False) -> None:
         """Stop every replica gracefully and circusd (or, with ``detach``, leave them running
@@ -322,14 +285,8 @@ class LocalConnector(PlannerConnectorMixin):
             except Exception:
                 log.exception("closing %s failed", type(ext).__name__)
         self._extensions = []
-        if self._circus_events is not None:
-            await self._circus_events.stop()
-            self._circus_events = None
-        if not detach and self._circusd is not None and self._circusd.owned:
-            await stop_circusd(self._circusd, self._channel)
+        if await self.supervisor.close(detach=detach):
             self.state.circusd = None
-        if self._channel is not None:
-            self._channel.close()
         if self._resource_manager is not None:
             with contextlib.suppress(Exception):
                 await self._resource_manager.close()
@@ -346,7 +303,8 @@ class LocalConnector(PlannerConnectorMixin):
         """circusd's answer to ``list`` on the connector's own serialized channel (the one
         the loop uses, so an answer means our commands get through). Raises
         ConnectorClosed before start, SupervisorUnavailable when circusd does not answer."""
-        channel = self.reconciler.channel if self.reconciler is not None else self._channel
+        rec = self.reconciler
+        channel = rec.channel if rec is not None else self.supervisor.channel
         if channel is None or self._closed:
             raise ConnectorClosed("the connector has no supervisor channel (not initialized)")
         reply: dict[str, Any] = await channel.call("list", timeout_s=timeout_s)
@@ -419,10 +377,7 @@ class LocalConnector(PlannerConnectorMixin):
         """
         rec = self._live()
         rec.require(name)
-        if isinstance(replicas, bool) or not isinstance(replicas, int):
-            raise InvalidReplicas(f"replicas must be an integer, got {replicas!r}", component=name)
-        if replicas < 0:
-            raise InvalidReplicas(f"replicas must be >= 0, got {replicas}", component=name)
+        replicas = targets.check_count(name, replicas)
         self._check_target(name, replicas)
         # The ports of the replicas to start are bind-checked in a thread, then the checks
         # run again (the state may have moved meanwhile): from them to the plan all is
@@ -456,59 +411,12 @@ class LocalConnector(PlannerConnectorMixin):
         """Refuse a target outside the component's min/max or the replica budget, or for a
         component in crashloop; return its record otherwise."""
         rec = self._live()
-        svc = rec.require(name)
-        if replicas < svc.min_replicas or (
-            svc.max_replicas is not None and replicas > svc.max_replicas
-        ):
-            bounds = (
-                f"{svc.min_replicas}..{svc.max_replicas if svc.max_replicas is not None else '∞'}"
-            )
-            raise ReplicaLimit(
-                f"{name}: {replicas} replicas is outside minReplicas..maxReplicas ({bounds})",
-                component=name,
-                requested=replicas,
-                min_replicas=svc.min_replicas,
-                max_replicas=svc.max_replicas,
-            )
-        self._check_budget(name, replicas)
+        targets.check_bounds(rec.require(name), replicas)
+        current = {n: rec.component_record(n).target for n in self.graph.services}
+        targets.check_budget(self.replica_budget, name, replicas, current)
         comp = rec.component_record(name)
-        if comp.crashloop:
-            raise CrashLoop(
-                f"{name} is in crashloop ({comp.crashloop_reason}); restart it first",
-                component=name,
-                reason=comp.crashloop_reason,
-            )
+        targets.check_not_crashlooping(name, comp)
         return comp
-
-    def _check_graph_budget(self, targets: dict[str, int]) -> None:
-        total = sum(targets.values())
-        if total > self.replica_budget:
-            raise ReplicaBudgetExceeded(
-                f"the graph asks for {total} replicas, above this machine's replica budget "
-                f"of {self.replica_budget}; raise it with `dynamo-local up --max-replicas N` "
-                "(ConnectorOptions.max_replicas in Python)",
-                requested=total,
-                budget=self.replica_budget,
-            )
-
-    def _check_budget(self, name: str, replicas: int) -> None:
-        """Refuse a target that takes the graph past the machine's replica budget: what a
-        component without maxReplicas may have is the budget's share the others leave."""
-        rec = self._live()
-        others = sum(rec.component_record(n).target for n in self.graph.services if n != name)
-        if others + replicas <= self.replica_budget:
-            return
-        left = max(self.replica_budget - others, 0)
-        raise ReplicaBudgetExceeded(
-            f"{name}: {replicas} replicas would make {others + replicas} in the graph, above "
-            f"this machine's replica budget of {self.replica_budget} ({left} left for {name}); "
-            "raise it with `dynamo-local up --max-replicas N` "
-            "(ConnectorOptions.max_replicas in Python)",
-            component=name,
-            requested=replicas,
-            budget=self.replica_budget,
-            available=left,
-        )
 
     async def add_component(self, name: str, blocking: bool = True) -> bool:
         """Dynamo's older Planner interface: one replica more."""

@@ -1,8 +1,8 @@
 """What the exporter reads from a GPU backend, as structural types.
 
-``connector.nvml`` provides the backends (real NVML, and a fake replaying captures); the
+``connector.resources.nvml`` provides the backends (real NVML, and a fake replaying captures); the
 exporter only needs these read-only fields, so it depends on their shape, not on the module
-(which imports pynvml). Any ``connector.nvml.GpuBackend`` satisfies :class:`GpuSource`.
+(which imports pynvml). Any ``connector.resources.nvml.GpuBackend`` satisfies :class:`GpuSource`.
 """
 
 from __future__ import annotations

@@ -14,9 +14,16 @@ from typing import Any
 import aiohttp
 
 from connector.api.context import ApiSettings
-from connector.graph import Graph, Readiness, ReadinessKind, RestartPolicy, Role, SubComponentType
+from connector.api.server import RunningServer, create_app, start_server
+from connector.graph.model import (
+    Graph,
+    Readiness,
+    ReadinessKind,
+    RestartPolicy,
+    Role,
+    SubComponentType,
+)
 from connector.local import LocalConnector
-from connector.server import RunningServer, create_app, start_server
 from tests.core_helpers import make_graph, options, svc
 
 QUICK = Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=0.2)

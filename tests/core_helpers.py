@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from connector.graph import (
+from connector.graph.model import (
     Graph,
     Readiness,
     ReadinessKind,

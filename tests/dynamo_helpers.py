@@ -3,7 +3,7 @@
 The real ``dynamo.frontend`` and ``dynamo.mocker`` (from the ``ai-dynamo`` wheels that
 ``scripts/setup.sh`` installs) run as child processes on loopback, discover each other
 through a real etcd (:class:`tests.servers.EtcdServer`) and serve the tiny local model of
-:mod:`connector.tiny_model`, so no GPU, hub or network is needed. What this module knows
+:mod:`connector.dynamo.tiny_model`, so no GPU, hub or network is needed. What this module knows
 about them (verified on 1.6.1):
 
 * Every listener must be pinned to loopback by environment (:func:`dynamo_env`): without
@@ -54,7 +54,7 @@ import aiohttp
 import psutil
 import pytest
 
-from connector.tiny_model import write_tiny_model
+from connector.dynamo.tiny_model import write_tiny_model
 from tests.servers import (
     LOOPBACK,
     STOP_TIMEOUT_S,

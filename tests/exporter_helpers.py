@@ -264,5 +264,7 @@ def gpu_backend(capture: str, pids: Mapping[int, int]) -> Any:
     PIDs rewritten by ``pids`` (capture pid -> test process pid)."""
     import pytest
 
-    nvml = pytest.importorskip("connector.nvml", reason="connector.nvml (NVML fake) not there")
+    nvml = pytest.importorskip(
+        "connector.resources.nvml", reason="connector.resources.nvml (NVML fake) not there"
+    )
     return nvml.FakeGpuBackend(FIXTURES / capture, pid_map=dict(pids))

@@ -1,5 +1,5 @@
 """NVML test material: where the real captures are, machines built from them, and a scripted
-``pynvml`` module that drives :class:`connector.nvml.NvmlBackend` without a GPU.
+``pynvml`` module that drives :class:`connector.resources.nvml.NvmlBackend` without a GPU.
 
 The captures live in the repository, in ``tests/fixtures/nvml``, so a fresh clone runs every
 NVML test without anything beside it.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connector.nvml import FakeGpuBackend
+from connector.resources.nvml import FakeGpuBackend
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nvml"  # the real captures
 

@@ -34,7 +34,7 @@ import aiohttp
 import psutil
 import pytest
 
-from connector.private_etcd import etcd_argv
+from connector.dynamo.private_etcd import etcd_argv
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")

@@ -235,7 +235,7 @@ async def test_metrics_mounted_from_the_exporter(tmp_path: Path) -> None:
         exporter = build_exporter(first.connector)
         await exporter.start()
         try:
-            from connector.server import create_app, start_server
+            from connector.api.server import create_app, start_server
 
             app = create_app(first.connector, exporter=exporter)
             server = await start_server(app, "127.0.0.1", 0)

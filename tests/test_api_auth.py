@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from connector.api.routes import ROUTES
-from connector.server import BindRefused, check_bind, create_app, is_loopback
+from connector.api.server import BindRefused, check_bind, create_app, is_loopback
 from tests.api_helpers import Served, error_of, serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

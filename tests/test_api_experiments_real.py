@@ -22,10 +22,10 @@ import aiohttp
 import psutil
 import pytest
 
+from connector.api.server import RunningServer, create_app, start_server
 from connector.experiment.aiperf import AiperfMissing, find_aiperf
-from connector.graph_loader import load_graph
+from connector.graph.loader import load_graph
 from connector.local import ConnectorOptions, LocalConnector
-from connector.server import RunningServer, create_app, start_server
 from tests.dynamo_helpers import TINY_MODEL_NAME, require_dynamo, until_the_model_is_listed
 from tests.servers import EtcdServer
 

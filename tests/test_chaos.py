@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench import chaos
-from connector.dynamo_keys import encode_value, instance_key, instance_value
+from connector.dynamo.discovery.keys import encode_value, instance_key, instance_value
 from tests.servers import ServerStartError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from connector.graph import PortSpec, ResourceRequest
-from connector.server import RunningServer
+from connector.api.server import RunningServer
+from connector.graph.model import PortSpec, ResourceRequest
 from tests.api_helpers import Served, serve
 from tests.core_helpers import make_graph, svc, wait_until
 from tests.nvml_fakes import idle_capture
@@ -279,7 +279,7 @@ async def test_scale_failures_have_meaningful_exit_codes(
 
 
 async def test_unreachable_server_is_exit_3(api: Served) -> None:
-    from connector.supervisor import free_loopback_port
+    from connector.supervision.circus import free_loopback_port
 
     url = f"http://127.0.0.1:{free_loopback_port()}"
     result = await cli("ps", "--url", url)

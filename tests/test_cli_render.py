@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from connector import cli_render as render
+from connector.cli import render
 from tests.test_cli import cells
 
 

@@ -197,7 +197,7 @@ async def test_up_hands_out_ports_from_the_range_it_is_given(
 ) -> None:
     # Below Dynamo's 32767 limit, and away from the default range other tests use.
     # Thirteen ports: the frontend's default `http`, and each of three workers' `system`
-    # (declared) plus its default `rpc`, `fpm` and `nixl` (connector.dynamo_defaults).
+    # (declared) plus its default `rpc`, `fpm` and `nixl` (connector.graph.dynamo_defaults).
     first = next(p for p in range(30000, 32760, 13) if all(bindable(p + i) for i in range(13)))
     last = first + 12
     up = await start_up(tmp_path, "--port-range", f"{first}-{last}", "--release-timeout", "5")

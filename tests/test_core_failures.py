@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from connector.errors import CrashLoop, NamespaceLocked
-from connector.graph import Readiness, ReadinessKind, RestartMode, RestartPolicy
+from connector.graph.model import Readiness, ReadinessKind, RestartMode, RestartPolicy
 from connector.local import LocalConnector
 from tests.core_helpers import (
     FAST_RESTART,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from connector.errors import ComponentNotFound, InvalidReplicas, ReplicaLimit
-from connector.graph import Readiness, ReadinessKind
+from connector.graph.model import Readiness, ReadinessKind
 from connector.local import LocalConnector
 from tests.core_helpers import (
     alive,

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from connector.tiny_model import write_tiny_model
+from connector.dynamo.tiny_model import write_tiny_model
 from tests.dynamo_helpers import TINY_MODEL_NAME, etcd_prefix, require_dynamo
 from tests.test_cli import cli_env
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from connector.discovery import (
+from connector.dynamo.discovery.backends import open_discovery
+from connector.dynamo.discovery.cache import (
     Instance,
     InstanceCache,
     ReplicaAddress,
@@ -19,8 +20,7 @@ from connector.discovery import (
     match_instance,
     parse_instance,
 )
-from connector.discovery_open import open_discovery
-from connector.dynamo_keys import encode_value, instance_key, instance_value
+from connector.dynamo.discovery.keys import encode_value, instance_key, instance_value
 
 BIG_ID = 0xFEDCBA9876543210  # above 2**63: a float would lose it
 
@@ -141,7 +141,7 @@ def test_bad_value_is_skipped_logged_once_and_previous_kept(
     cache = InstanceCache("file")
     key, raw = v1()
     cache._put(key, raw)
-    with caplog.at_level(logging.WARNING, logger="connector.discovery"):
+    with caplog.at_level(logging.WARNING, logger="connector.dynamo.discovery.cache"):
         assert cache._put(key, b'{"torn": ') is None
         assert cache._put(key, b'{"torn": ') is None
         assert cache._put(key, b"") is None  # empty: a file mid-rewrite, not worth a warning

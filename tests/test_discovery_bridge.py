@@ -15,14 +15,14 @@ from typing import Any
 import aetcd
 import pytest
 
-from connector.discovery_bridge import DiscoveryBridge
-from connector.discovery_etcd import EtcdDiscovery
-from connector.discovery_file import FileDiscovery
-from connector.dynamo_keys import encode_value, file_path, instance_key, instance_value
+from connector.dynamo.discovery.bridge import DiscoveryBridge
+from connector.dynamo.discovery.etcd import EtcdDiscovery
+from connector.dynamo.discovery.file import FileDiscovery
+from connector.dynamo.discovery.keys import encode_value, file_path, instance_key, instance_value
 from connector.events import EventLog
-from connector.graph import Graph, Readiness, ReadinessKind, Role, Service
-from connector.probes import ProbeTarget
-from connector.state import ConnectorState, ReplicaRecord
+from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
+from connector.reconcile.state import ConnectorState, ReplicaRecord
+from connector.supervision.probes import ProbeTarget
 
 NS = "dyn"
 GRAPH = Graph(

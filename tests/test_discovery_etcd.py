@@ -12,8 +12,8 @@ from typing import Any
 import aetcd
 import pytest
 
-from connector.discovery_etcd import EtcdDiscovery, etcd_endpoint
-from connector.dynamo_keys import encode_value, instance_key, instance_value
+from connector.dynamo.discovery.etcd import EtcdDiscovery, etcd_endpoint
+from connector.dynamo.discovery.keys import encode_value, instance_key, instance_value
 from connector.errors import DiscoveryUnavailable
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ async def test_unparseable_value_is_skipped_with_one_log(
     client: Any, disc: EtcdDiscovery, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = instance_key("dyn", "backend", "generate", 0xBAD)
-    with caplog.at_level(logging.WARNING, logger="connector.discovery"):
+    with caplog.at_level(logging.WARNING, logger="connector.dynamo.discovery.cache"):
         await client.put(key.encode(), b"not json")
         good = instance_key("dyn", "backend", "generate", 0x600D)
         await client.put(good.encode(), value(0x600D, 1))

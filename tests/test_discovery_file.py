@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from connector import discovery_file
-from connector.discovery import Instance
-from connector.discovery_file import FileDiscovery
-from connector.dynamo_keys import encode_value, file_path, instance_key, instance_value
+from connector.dynamo.discovery import file as discovery_file
+from connector.dynamo.discovery.cache import Instance
+from connector.dynamo.discovery.file import FileDiscovery
+from connector.dynamo.discovery.keys import encode_value, file_path, instance_key, instance_value
 
 
 def write_instance(root: Path, iid: int, port: int, comp: str = "backend") -> str:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from connector.drain import SETTLE_S, inflight_requests, wait_idle
+from connector.dynamo.drain import SETTLE_S, inflight_requests, wait_idle
 
 
 def exposition(generate: int, clear: int) -> str:

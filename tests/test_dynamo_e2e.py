@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 import yaml
 
-from connector.graph_loader import load_graph
+from connector.api.server import create_app, start_server
+from connector.graph.loader import load_graph
 from connector.interop import system_topology
 from connector.local import ConnectorOptions, LocalConnector
-from connector.server import create_app, start_server
 from tests.dynamo_helpers import (
     TINY_MODEL_NAME,
     chat,

@@ -1,7 +1,7 @@
 """Proof that the real Dynamo 1.6.1 runs here: frontend + mocker on loopback, the tiny model.
 
 A real etcd, a real ``python -m dynamo.mocker`` (aggregated) serving the tiny model of
-:mod:`connector.tiny_model`, and a real ``python -m dynamo.frontend``. The frontend must list
+:mod:`connector.dynamo.tiny_model`, and a real ``python -m dynamo.frontend``. The frontend must list
 the model and answer a chat completion; etcd must hold the worker's instance key, whose
 advertised request-plane port the worker's own PID listens on; the worker's ``/metrics``
 (``DYN_SYSTEM_PORT``) must carry ``dynamo_component_*`` series of our namespace; SIGTERM
@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from connector import tiny_model
-from connector.tiny_model import write_tiny_model
+from connector.dynamo import tiny_model
+from connector.dynamo.tiny_model import write_tiny_model
 from tests.dynamo_helpers import (
     TINY_MODEL_NAME,
     DynamoLauncher,
@@ -85,7 +85,7 @@ def test_tiny_model_is_deterministic_idempotent_and_decodes_mocker_ids(tmp_path:
 def test_tiny_model_cli_and_lazy_tokenizers_import(tmp_path: Path) -> None:
     require_dynamo()
     out = subprocess.run(
-        [sys.executable, "-m", "connector.tiny_model", str(tmp_path), "--name", "m"],
+        [sys.executable, "-m", "connector.dynamo.tiny_model", str(tmp_path), "--name", "m"],
         capture_output=True,
         text=True,
         check=True,
@@ -94,7 +94,7 @@ def test_tiny_model_cli_and_lazy_tokenizers_import(tmp_path: Path) -> None:
     assert out.stdout.strip() == str(tmp_path / "m")
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     # Importing the module (and the connector package) must not need tokenizers.
-    probe = "import sys, connector, connector.tiny_model; print('tokenizers' in sys.modules)"
+    probe = "import sys, connector, connector.dynamo.tiny_model; print('tokenizers' in sys.modules)"
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )

@@ -48,10 +48,10 @@ import pytest
 import yaml
 
 from connector.client import Client
+from connector.dynamo.tiny_model import write_tiny_model
 from connector.experiment import metrics
 from connector.experiment.aiperf import AiperfMissing, find_aiperf
 from connector.experiment.sampler import ScrapeSource
-from connector.tiny_model import write_tiny_model
 from tests.dynamo_helpers import TINY_MODEL_NAME, require_dynamo
 from tests.servers import PrometheusFactory, free_port
 from tests.test_demo_real import _env

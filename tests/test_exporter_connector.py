@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from connector.graph import ResourceRequest
+from connector.graph.model import ResourceRequest
 from exporter.embedded import exporter_sources
 from exporter.exposition import Format
 from exporter.service import build_exporter

@@ -29,7 +29,7 @@ async def test_gpu_memory_of_a_child_process_is_attributed_to_its_replica(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("torch")
-    from connector.nvml import open_gpu_backend
+    from connector.resources.nvml import open_gpu_backend
 
     backend, reason = open_gpu_backend("nvml")
     if backend is None:

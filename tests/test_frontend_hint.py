@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from connector.dynamo.frontend_hint import announce_when_serving, curl_command, frontend_url
 from connector.events import Event, Subscriber
-from connector.frontend_hint import announce_when_serving, curl_command, frontend_url
 from connector.view import ComponentView, ConnectorView, ReplicaView
 
 DEFAULT_READINESS = "http://127.0.0.1:{port.http}/v1/models"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from connector.errors import ResourcesExhausted
-from connector.graph import PortSpec, Readiness, ReadinessKind, ResourceRequest
-from connector.nvml import open_gpu_backend
+from connector.graph.model import PortSpec, Readiness, ReadinessKind, ResourceRequest
+from connector.resources.nvml import open_gpu_backend
 from tests.core_helpers import alive, make_graph, pids, running, svc
 from tests.servers import wait_until_async
 

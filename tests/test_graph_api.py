@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from connector.errors import GraphError
-from connector.graph import (
+from connector.graph.loader import build_graph
+from connector.graph.model import (
     Edge,
     PortSpec,
     Readiness,
@@ -23,7 +24,6 @@ from connector.graph import (
     SubComponentType,
 )
 from connector.graph_api import ServiceDecl, depends, graph, service
-from connector.graph_loader import build_graph
 
 
 def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
@@ -80,7 +80,8 @@ def test_service_with_every_option_normalizes_like_yaml(tmp_path: Path) -> None:
             restart=RestartPolicy(mode=RestartMode.ON_FAILURE, backoff_base_s=2.0),
             ports=(
                 PortSpec("system", "DYN_SYSTEM_PORT"),
-                # A worker's default ports beside the declared one (connector.dynamo_defaults).
+                # A worker's default ports beside the declared one
+                # (connector.graph.dynamo_defaults).
                 PortSpec("rpc", "DYN_TCP_RPC_PORT"),
                 PortSpec("fpm", "DYN_FORWARDPASS_METRIC_PORT"),
                 PortSpec("nixl", "VLLM_NIXL_SIDE_CHANNEL_PORT"),

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from connector.errors import GraphError
-from connector.graph import (
+from connector.graph.loader import build_graph, load_graph, load_graph_file
+from connector.graph.model import (
     Edge,
     Graph,
     PortSpec,
@@ -30,7 +31,6 @@ from connector.graph import (
     SocketSpec,
     SubComponentType,
 )
-from connector.graph_loader import build_graph, load_graph, load_graph_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "graphs"
@@ -108,7 +108,7 @@ def test_full_sample_loads_to_exact_objects() -> None:
             replicas=0,
             envs=(("DYN_LOG", "debug"), ("SHARED", "graph")),
             readiness=Readiness(kind=ReadinessKind.NONE),
-            # A router's default ports (connector.dynamo_defaults), not declared in the file.
+            # A router's default ports (connector.graph.dynamo_defaults), not declared in the file.
             ports=(PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT")),
         ),
         "Decode": Service(
@@ -219,7 +219,7 @@ def test_demo_example_runs_mock_workers_in_namespace_demo() -> None:
     assert list(graph.services) == ["Frontend", "Prefill", "Decode"]
     mock = (PY, "-m", "connector.mockworker")
     ports = (PortSpec("system", "DYN_SYSTEM_PORT"), PortSpec("rpc", "DYN_TCP_RPC_PORT"))
-    # Beside the declared ports, each role's defaults (connector.dynamo_defaults).
+    # Beside the declared ports, each role's defaults (connector.graph.dynamo_defaults).
     extra = {
         "Frontend": (PortSpec("http", "DYN_HTTP_PORT"),),
         "Prefill": (

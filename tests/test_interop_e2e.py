@@ -26,7 +26,7 @@ from typing import Any
 import aetcd
 import pytest
 
-from connector.graph import (
+from connector.graph.model import (
     Graph,
     PortSpec,
     Readiness,
@@ -266,7 +266,7 @@ async def test_impossible_decision_is_applied_in_part_recorded_and_acknowledged(
     capture = capture_path(H100_CAPTURE)
     from dataclasses import replace
 
-    from connector.graph import ResourceRequest
+    from connector.graph.model import ResourceRequest
 
     base = _graph()
     # One GPU on the (fake) machine; each decode replica wants a whole one.

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from connector import launcher
-from connector.graph import ResourceRequest
+from connector.graph.model import ResourceRequest
+from connector.supervision import launcher
 from tests.core_helpers import alive, make_graph, pids, running, svc, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-FALLBACK = [sys.executable, "-m", "connector.launcher"]
+FALLBACK = [sys.executable, "-m", "connector.supervision.launcher"]
 
 
 def without_tools(monkeypatch: pytest.MonkeyPatch, *missing: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connector.logs import merge_newest, read_replica_lines, tail_lines
+from connector.supervision.logs import merge_newest, read_replica_lines, tail_lines
 
 
 def test_tail_lines_reads_only_the_end(tmp_path: Path) -> None:
@@ -41,3 +41,20 @@ def test_merge_orders_by_timestamp_and_prefixes_replica() -> None:
         "[D/2] 2026-01-01T00:00:02.000000 [2] | b2",
         "[D/1] 2026-01-01T00:00:03.000000 [1] | a3",
     ]
+
+
+def test_the_stream_class_circusd_loads_by_name_is_importable_by_that_name() -> None:
+    """circusd imports the stream class from the dotted path in the watcher options, in its
+    own process: a module move that forgets the string would only show as replicas without
+    logs. Resolve it the way circus does (module path, then attribute)."""
+    import importlib
+
+    from circus.stream import FileStream
+
+    from connector.supervision.logs import LogPolicy, circus_stream_options
+
+    options = circus_stream_options({"stdout": "o.log", "stderr": "e.log"}, LogPolicy())
+    for stream in ("stdout", "stderr"):
+        module, _, name = options[f"{stream}_stream"]["class"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, FileStream), cls

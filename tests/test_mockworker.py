@@ -23,7 +23,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from connector.dynamo_keys import file_path, instance_key
+from connector.dynamo.discovery.keys import file_path, instance_key
 from connector.mockworker.config import ConfigError, parse_config
 from tests.servers import (
     EtcdServer,

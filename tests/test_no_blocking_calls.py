@@ -18,7 +18,7 @@ PACKAGES = ("connector", "exporter")
 
 # Module-level names whose calls read /proc or the disk.
 BLOCKING_MODULES = {"psutil"}
-# connector.procs helpers that walk or read /proc (the async ones are fine).
+# connector.supervision.procs helpers that walk or read /proc (the async ones are fine).
 BLOCKING_PROCS = {
     "tree",
     "tree_rss",
@@ -36,9 +36,9 @@ BLOCKING_METHODS = {"read_text", "write_text", "read_bytes", "write_bytes", "mkd
 ALLOWED = {
     # procs.running/same_process on the handful of pids of one replica's tree, between
     # 20 ms sleeps, while a stop waits for them to exit (procs.terminate_group_async).
-    ("connector/procs.py", "terminate_group_async", "same_process"),
-    ("connector/procs.py", "wait_exit", "same_process"),
-    ("connector/procs.py", "_until_gone", "running"),
+    ("connector/supervision/procs.py", "terminate_group_async", "same_process"),
+    ("connector/supervision/procs.py", "wait_exit", "same_process"),
+    ("connector/supervision/procs.py", "_until_gone", "running"),
 }
 
 
@@ -75,7 +75,7 @@ def _findings() -> list[str]:
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-            local_procs = rel == "connector/procs.py"
+            local_procs = rel == "connector/supervision/procs.py"
             for node in ast.walk(tree):
                 if not isinstance(node, ast.AsyncFunctionDef):
                     continue

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.nvml import (
+from connector.resources.nvml import (
     FakeGpuBackend,
     GpuDevice,
     GpuProcess,

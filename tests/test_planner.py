@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from connector.errors import ComponentNotFound, CrashLoop, GraphError, ResourcesExhausted
-from connector.graph import Graph, Readiness, ReadinessKind, Role, Service
-from connector.planner_targets import (
+from connector.dynamo.planner.targets import (
     DecisionOutcome,
     SubComponentType,
     TargetReplica,
@@ -19,6 +17,8 @@ from connector.planner_targets import (
     resolve_component,
     resolve_targets,
 )
+from connector.errors import ComponentNotFound, CrashLoop, GraphError, ResourcesExhausted
+from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
 
 
 def worker(name: str, sub: SubComponentType | None, component: str | None = None) -> Service:
@@ -43,7 +43,7 @@ GRAPH = Graph(
 
 
 def test_sub_component_type_is_the_graph_enum() -> None:
-    from connector import graph
+    from connector.graph import model as graph
 
     assert SubComponentType is graph.SubComponentType
     assert SubComponentType("prefill") is SubComponentType.PREFILL

@@ -14,9 +14,9 @@ from typing import Any
 import aetcd
 import pytest
 
+from connector.dynamo.planner.executor import SeenDecision, VirtualConnectorExecutor
+from connector.dynamo.planner.targets import DecisionOutcome
 from connector.events import EventLog
-from connector.planner import SeenDecision, VirtualConnectorExecutor
-from connector.planner_targets import DecisionOutcome
 from exporter.exposition import Format
 from exporter.process_tree import ProcessTreeSampler
 from exporter.service import Exporter, build_exporter

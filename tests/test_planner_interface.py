@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from connector.dynamo.planner.interface import PlannerConnectorMixin, model_name_of
+from connector.dynamo.planner.targets import SubComponentType, TargetReplica
 from connector.errors import ComponentNotFound, GraphError, InvalidReplicas, ScaleTimeout
-from connector.graph import Graph, ResourceRequest, Role, Service
-from connector.planner_interface import PlannerConnectorMixin, model_name_of
-from connector.planner_targets import SubComponentType, TargetReplica
+from connector.graph.model import Graph, ResourceRequest, Role, Service
 from connector.view import ComponentView, ConnectorView, ReplicaView
 
 

@@ -38,8 +38,8 @@ import pytest
 import yaml
 
 from connector import defaults
-from connector.discovery_etcd import etcd_endpoint
-from connector.graph_loader import load_graph
+from connector.dynamo.discovery.etcd import etcd_endpoint
+from connector.graph.loader import load_graph
 from connector.local import ConnectorOptions, LocalConnector
 from tests.dynamo_helpers import (
     TINY_MODEL_NAME,

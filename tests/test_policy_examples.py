@@ -17,7 +17,7 @@ import yaml
 
 from connector.errors import ScaledObjectError
 from connector.experiment.timeline import describe_event
-from connector.graph_loader import load_graph
+from connector.graph.loader import load_graph
 from connector.policy.binding import bind
 from connector.policy.scaledobject import load_scaled_object
 

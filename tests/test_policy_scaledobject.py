@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from connector.errors import ScaledObjectError
-from connector.graph import Graph
+from connector.graph.model import Graph
 from connector.graph_api import graph, service
 from connector.policy.binding import BoundPolicy, adapter_name, bind
 from connector.policy.hpa import (

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from connector.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd
+from connector.dynamo.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd
 from tests.test_cli import cli_env
 
 pytestmark = pytest.mark.integration

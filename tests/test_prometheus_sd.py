@@ -26,7 +26,7 @@ import yaml
 from aiohttp import web
 
 from connector.api.prometheus_sd import metrics_port_name, target_groups
-from connector.graph import (
+from connector.graph.model import (
     Graph,
     PortSpec,
     Readiness,
@@ -346,7 +346,7 @@ def _up(targets: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
 async def test_real_prometheus_discovers_scrapes_and_joins(
     tmp_path: Path, prometheus_server: PrometheusFactory
 ) -> None:
-    from connector.server import create_app, start_server
+    from connector.api.server import create_app, start_server
     from exporter.service import build_exporter
 
     async with serve(tmp_path, _mock_graph()) as first:

@@ -20,7 +20,7 @@ import zmq.asyncio
 
 import connector
 from connector import ConnectorClosed, LocalConnector
-from connector.server import create_app, start_server
+from connector.api.server import create_app, start_server
 from tests.core_helpers import alive, make_graph, options, pids, svc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ async def test_the_namespace_given_to_create_is_where_every_replica_registers(
         env = await asyncio.to_thread(lambda: psutil.Process(pid).environ())
         assert env["DYN_NAMESPACE"] == "elsewhere"
         assert (env["DYN_TCP_RPC_HOST"], env["DYN_SYSTEM_HOST"]) == ("127.0.0.1", "127.0.0.1")
-        # A worker's default ports, one of its own each (connector.dynamo_defaults).
+        # A worker's default ports, one of its own each (connector.graph.dynamo_defaults).
         names = (
             "DYN_SYSTEM_PORT",
             "DYN_TCP_RPC_PORT",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector.quantities import (
+from connector.graph.quantities import (
     MAX_MEMORY_BYTES,
     approx_memory,
     format_memory,

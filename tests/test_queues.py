@@ -11,7 +11,7 @@ import nats
 import pytest
 from aiohttp import web
 
-from connector.queues import PrefillQueueMonitor, default_stream
+from connector.dynamo.prefill_queue import PrefillQueueMonitor, default_stream
 
 STREAM = "dyn_prefill_queue"
 SUBJECT = f"{STREAM}.queue"

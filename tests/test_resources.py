@@ -24,11 +24,9 @@ from typing import Any
 import psutil
 import pytest
 
-from connector import procs
 from connector.errors import ResourcesExhausted
-from connector.graph import PortSpec, ResourceRequest, SocketSpec
-from connector.nvml import GpuBackend, GpuDevice
-from connector.resources import (
+from connector.graph.model import PortSpec, ResourceRequest, SocketSpec
+from connector.resources.manager import (
     Inventory,
     ReleaseResult,
     Reservation,
@@ -37,6 +35,8 @@ from connector.resources import (
     open_resource_manager,
     visible_gpus,
 )
+from connector.resources.nvml import GpuBackend, GpuDevice
+from connector.supervision import procs
 from tests.nvml_fakes import (
     H100_CAPTURE,
     H100_MEMORY_TOTAL,

@@ -24,7 +24,7 @@ import pytest
 
 from connector.api.schemas import MACHINE_RESOURCES, NAMED
 from connector.errors import ResourcesExhausted
-from connector.graph import (
+from connector.graph.model import (
     PortSpec,
     Readiness,
     ReadinessKind,
@@ -32,7 +32,7 @@ from connector.graph import (
     RestartPolicy,
     SocketSpec,
 )
-from connector.nvml import open_gpu_backend
+from connector.resources.nvml import open_gpu_backend
 from tests.core_helpers import (
     alive,
     kinds,

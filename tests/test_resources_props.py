@@ -35,15 +35,15 @@ from hypothesis.stateful import (
 )
 
 from connector.errors import ResourcesExhausted
-from connector.graph import PortSpec, ResourceRequest, SocketSpec
-from connector.nvml import FakeGpuBackend
-from connector.resources import (
+from connector.graph.model import PortSpec, ResourceRequest, SocketSpec
+from connector.resources.manager import (
     Inventory,
     ReleaseResult,
     Reservation,
     ReservationAsk,
     ResourceManager,
 )
+from connector.resources.nvml import FakeGpuBackend
 from tests.nvml_fakes import eight_gpu_backend
 from tests.test_resources import dead_pid, free_run, reap_zombies
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from connector.graph import RestartMode, RestartPolicy
-from connector.restart_policy import ExitAction, ExitDecision, decide
+from connector.graph.model import RestartMode, RestartPolicy
+from connector.reconcile.restart_policy import ExitAction, ExitDecision, decide
 
 NOW = 10_000.0
 POLICY = RestartPolicy(

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from connector.graph import PortSpec, ResourceRequest
-from connector.reconcile import PLAN_STEP
-from connector.reservation import Inventory
-from connector.resources import ResourceManager
+from connector.graph.model import PortSpec, ResourceRequest
+from connector.reconcile.loop import PLAN_STEP
+from connector.resources.manager import ResourceManager
+from connector.resources.reservation import Inventory
 from tests.core_helpers import kinds, make_graph, running, svc, wait_until
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from connector.errors import NamespaceLocked
-from connector.state import ComponentRecord, ConnectorState, ReplicaRecord, StateStore
+from connector.reconcile.state import ComponentRecord, ConnectorState, ReplicaRecord, StateStore
 
 
 async def test_state_round_trips_exactly(tmp_path: Path) -> None:

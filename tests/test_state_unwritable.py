@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.state import StateStore
+from connector.reconcile.state import StateStore
 from tests.api_helpers import QUICK, serve
 from tests.core_helpers import alive, make_graph, svc, wait_until
 

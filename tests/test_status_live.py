@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from connector.graph import PortSpec, Readiness, ReadinessKind, Role, SubComponentType
+from connector.graph.model import PortSpec, Readiness, ReadinessKind, Role, SubComponentType
 from tests.api_helpers import QUICK, serve
 from tests.core_helpers import make_graph, svc, wait_until
 from tests.test_status_page import ARGS, ARTIFACTS, CHROMIUM, _open

@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from connector.errors import SupervisorUnavailable
-from connector.supervisor import (
+from connector.supervision.circus import (
     CircusChannel,
     CircusCommandError,
     free_loopback_port,

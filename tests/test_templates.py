@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from connector import templates
-from connector.resources import Reservation
+from connector.graph import templates
+from connector.resources.manager import Reservation
 
 A, B = "GPU-aaaa", "GPU-bbbb"
 

@@ -8,11 +8,17 @@ import subprocess
 import sys
 import time
 
-from connector.discovery import parse_instance
-from connector.dynamo_keys import encode_value, instance_key, instance_value
-from connector.graph import Graph, Readiness, ReadinessKind, ResourceRequest, Role, Service
-from connector.graph import SubComponentType as Sub
-from connector.topology import ObservedLink, build_topology, observe_links, to_dot, to_mermaid
+from connector.dynamo.discovery.cache import parse_instance
+from connector.dynamo.discovery.keys import encode_value, instance_key, instance_value
+from connector.dynamo.topology import (
+    ObservedLink,
+    build_topology,
+    observe_links,
+    to_dot,
+    to_mermaid,
+)
+from connector.graph.model import Graph, Readiness, ReadinessKind, ResourceRequest, Role, Service
+from connector.graph.model import SubComponentType as Sub
 from connector.view import ComponentView, ConnectorView, ReplicaView
 
 GRAPH = Graph(
@@ -177,7 +183,7 @@ def test_explicit_owners_override_port_matching() -> None:
 
 
 def test_graph_edges_are_used_when_the_graph_provides_them() -> None:
-    from connector.graph import Edge
+    from connector.graph.model import Edge
 
     class EdgedGraph(Graph):
         def edges(self) -> list[Edge]:

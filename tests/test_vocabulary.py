@@ -11,8 +11,9 @@ from typing import get_args
 
 import pytest
 
-from connector import state, vocabulary
+from connector import vocabulary
 from connector.events import Event
+from connector.reconcile import state
 from connector.vocabulary import ComponentStatus, EventKind, Outcome, Phase, Source
 from exporter import catalog
 from exporter.scaling import ScalingMetrics

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from connector.api.context import CONTEXT
 from connector.errors import ConnectorError, SupervisorUnavailable
-from connector.supervisor import CircusCommandError
+from connector.supervision.circus import CircusCommandError
 
 log = logging.getLogger(__name__)
 

@@ -229,7 +229,7 @@ async def get_topology(request: web.Request) -> web.Response:
     fmt = request[QUERY].get("format", "json")
     if fmt == "json":
         return json_ok(topology)
-    from connector import topology as render
+    from connector.dynamo import topology as render
 
     if fmt == "dot":
         text = render.to_dot(topology)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from connector.dynamo_defaults import METRICS_PORT, ROLE_PORTS
-from connector.graph import Graph, Role, Service
+from connector.graph.dynamo_defaults import METRICS_PORT, ROLE_PORTS
+from connector.graph.model import Graph, Role, Service
 from connector.view import ConnectorView, ReplicaView
 
-# Replicas are told to listen on loopback (connector.dynamo_defaults.LOOPBACK_ENV).
+# Replicas are told to listen on loopback (connector.graph.dynamo_defaults.LOOPBACK_ENV).
 REPLICA_HOST = "127.0.0.1"
 METRICS_PATH = "/metrics"
 CONNECTOR_ROLE = "connector"

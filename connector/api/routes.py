@@ -2,7 +2,7 @@
 
 The application registers its routes from :data:`ROUTES`, the validation middleware checks
 inputs against the schemas declared here, the auth middleware reads ``mutating``/``public``,
-and :mod:`connector.openapi` renders the same table as OpenAPI 3.1. A route cannot be served
+and :mod:`connector.api.openapi` renders the same table as OpenAPI 3.1. A route cannot be served
 without being documented, nor documented with a shape it does not enforce.
 """
 

@@ -195,7 +195,7 @@ MAX_YAML_NODES = 20_000
 def parse_yaml_body(raw: bytes) -> Any:
     """Decode a YAML request body (UTF-8, one document, no duplicate keys, bounded)."""
     from connector.errors import GraphError
-    from connector.graph_loader import parse_yaml
+    from connector.graph.loader import parse_yaml
 
     try:
         text = raw.decode("utf-8")

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from connector.errors import GraphError
-from connector.graph_loader import parse_yaml
-from connector.graph_reader import Reader, describe, join_path
+from connector.graph.loader import parse_yaml
+from connector.graph.reader import Reader, describe, join_path
 
 # aiperf's phase names: they become its artifact folders (phases/<name>/).
 PHASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")

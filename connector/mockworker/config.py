@@ -357,8 +357,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> MockConfig:
         grace_s=ns.grace,
         queue=ns.queue,
         nats_url=ns.nats_url,
-        # connector.queues.default_stream() names it the same; not imported here because
-        # that module loads NATS and aiohttp, which most mock workers never need.
+        # connector.dynamo.prefill_queue.default_stream() names it the same; not imported here
+        # because that module loads NATS and aiohttp, which most mock workers never need.
         stream=ns.stream or f"{ns.namespace}_prefill_queue",
         rate=ns.rate,
         messages=ns.messages,

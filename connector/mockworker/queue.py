@@ -1,11 +1,10 @@
 """The old prefill queue on NATS JetStream: a producer (frontend mock) or a consumer
 (prefill-worker mock).
 
-Stream ``{namespace}_prefill_queue`` by default, subject ``<stream>.queue``, durable pull
-consumer ``worker-group`` (the names :mod:`connector.queues` measures). Both sides create
-the stream and the durable consumer when missing, so the queue depth (the consumer's
-``num_pending``) is observable from the first message on, whichever side starts first.
-"""
+Stream ``{namespace}_prefill_queue`` by default, subject ``<stream>.queue``, durable pull consumer
+``worker-group`` (the names :mod:`connector.dynamo.prefill_queue` measures). Both sides create the
+stream and the durable consumer when missing, so the queue depth (the consumer's ``num_pending``) is
+observable from the first message on, whichever side starts first."""
 
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from connector.dynamo.prefill_queue import DEFAULT_CONSUMER
 from connector.mockworker.config import MockConfig
-from connector.queues import DEFAULT_CONSUMER
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Registering the mock worker in Dynamo's discovery: file backend, etcd, or nowhere.
 
-Keys and values come from :mod:`connector.dynamo_keys`, the module the connector's discovery
-reads with, so what the mock writes is by construction what the connector understands.
+Keys and values come from :mod:`connector.dynamo.discovery.keys`, the module the connector's
+discovery reads with, so what the mock writes is by construction what the connector understands.
 
 Lifetimes match the real runtime (ai-dynamo-runtime 1.6.1):
 
@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from connector.dynamo_keys import encode_value, file_path, instance_key, instance_value
+from connector.dynamo.discovery.keys import encode_value, file_path, instance_key, instance_value
 from connector.mockworker.config import MockConfig
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class EtcdRegistration(Registration):
     def __init__(self, cfg: MockConfig, rpc_port: int) -> None:
         super().__init__(cfg, rpc_port)
         # Imported here: only etcd-backed workers pay for loading gRPC.
-        from connector.discovery_etcd import etcd_endpoint
+        from connector.dynamo.discovery.etcd import etcd_endpoint
 
         self.host, self.port = etcd_endpoint(cfg.etcd_endpoints)
         self._client: Any = None
@@ -193,7 +193,7 @@ class EtcdRegistration(Registration):
     async def register(self) -> int:
         import aetcd
 
-        from connector.discovery_etcd import ETCD_CLIENT_OPTIONS
+        from connector.dynamo.discovery.etcd import ETCD_CLIENT_OPTIONS
 
         self._client = aetcd.Client(
             self.host, self.port, timeout=ETCD_RPC_TIMEOUT_S, options=dict(ETCD_CLIENT_OPTIONS)

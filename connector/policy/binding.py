@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from connector.errors import ScaledObjectError
-from connector.graph import Graph, Service, SubComponentType
+from connector.graph.model import Graph, Service, SubComponentType
 from connector.policy.scaledobject import ScaledObject
 
 PLANNER_SUB_TYPES = (SubComponentType.PREFILL, SubComponentType.DECODE)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from connector.dynamo.planner.targets import Scaler
 from connector.errors import (
     ConnectorClosed,
     ConnectorError,
@@ -34,7 +35,6 @@ from connector.errors import (
     ResourcesExhausted,
 )
 from connector.events import EventLog
-from connector.planner_targets import Scaler
 from connector.policy import keda
 from connector.policy.binding import BoundPolicy
 from connector.policy.explain import explain
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class PolicyHost(Scaler, Protocol):
     """What a driver needs of the connector (LocalConnector is one): it scales as the
-    Planner's decisions do (:class:`connector.planner.Scaler`)."""
+    Planner's decisions do (:class:`connector.dynamo.planner.targets.Scaler`)."""
 
     events: EventLog
 

@@ -16,7 +16,7 @@ resolves either against the graph.
 Over 500 lines on purpose: the keys each section honours, the reason each refused key is
 given (:data:`_WHY`) and the readers of those sections are one table, read top to bottom
 against KEDA's spec page; split, a refusal's reason would sit apart from the reader that
-refuses it. The typed reading itself is the graph's :class:`~connector.graph_reader.Reader`.
+refuses it. The typed reading itself is the graph's :class:`~connector.graph.reader.Reader`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from connector.errors import GraphError, ScaledObjectError
-from connector.graph_loader import parse_yaml
-from connector.graph_reader import Reader, describe, join_path
+from connector.graph.loader import parse_yaml
+from connector.graph.reader import Reader, describe, join_path
 from connector.policy.hpa import (
     DEFAULT_SCALE_DOWN,
     DEFAULT_SCALE_UP,
