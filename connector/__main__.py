@@ -1,5 +1,5 @@
 """``python -m connector`` is the ``dynamo-local`` command."""
 
-from connector.cli.main import main
+from connector.cli.program import main
 
 raise SystemExit(main())

@@ -7,7 +7,7 @@ Embeddable::
     ...
     await server.stop()
 
-``dynamo-local up`` composes it with the connector and the exporter (see ``connector.cli.main``).
+``dynamo-local up`` composes it with the connector and the exporter (see ``connector.cli.program``).
 The connector's lifecycle stays with the caller: the app never starts or stops it.
 """
 

@@ -1,7 +1,7 @@
 """The commands that talk to a running server (``ps``, ``scale``, ``restart``, ``logs``,
 ``top``, ``resources``, ``topology``, ``events``, ``down``, ``experiment``): each takes the
 :class:`~connector.client.Client` and the parsed arguments and returns the exit code. The
-parser and ``up`` live in :mod:`connector.cli.main`.
+parser and ``up`` live in :mod:`connector.cli.program`.
 """
 
 from __future__ import annotations

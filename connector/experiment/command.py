@@ -1,5 +1,5 @@
 """``dynamo-local experiment PLAN.yaml [--out DIR] [--aiperf PATH] [--prometheus URL]``:
-the command's body (the parser lives in :mod:`connector.cli.main`). A progress bar on stderr
+the command's body (the parser lives in :mod:`connector.cli.program`). A progress bar on stderr
 while it runs, the run folder and the headline figures on stdout at the end.
 """
 
