@@ -194,7 +194,7 @@ async def test_events_json_since_and_limit(api: Served) -> None:
 async def test_readiness_fails_when_circusd_is_gone(tmp_path: Path) -> None:
     settings = ApiSettings(readiness_timeout_s=0.3)
     async with serve(tmp_path, settings=settings) as api:
-        info = api.connector._circusd
+        info = api.connector.supervisor.info
         assert info is not None and info.pid is not None
         import os
         import signal

@@ -198,8 +198,8 @@ async def test_sigkill_circusd_leaves_no_orphan_and_recovers(tmp_path: Path) -> 
         leaders = [p for p in pids(conn, "Decode").values() if p]
         await wait_until(lambda: all(len(psutil.Process(p).children()) == 1 for p in leaders))
         everyone = {c.pid for p in leaders for c in psutil.Process(p).children()} | set(leaders)
-        assert conn._circusd is not None and conn._circusd.pid is not None
-        os.kill(conn._circusd.pid, signal.SIGKILL)
+        assert conn.supervisor.info is not None and conn.supervisor.info.pid is not None
+        os.kill(conn.supervisor.info.pid, signal.SIGKILL)
         # No replica process, nor anything it started, survives its supervisor.
         await wait_until(lambda: not any(alive(p) for p in everyone), limit_s=5)
         # And the connector starts a new circusd and brings the replicas back.
