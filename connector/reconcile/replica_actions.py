@@ -1,5 +1,9 @@
 """The replica actions: spawn (env, argv, Circus watcher), probe, exit handling with the
-restart policy and crash loop, drain and stop, release, and recovery from a lost circusd."""
+restart policy and crash loop, drain and stop, release, and recovery from a lost circusd.
+
+About 500 lines: what is done to one replica, from its watcher's options to its release, is
+one mixin of the :class:`~connector.reconcile.loop.Reconciler`; the decision after an exit
+is the pure :mod:`connector.reconcile.restart_policy`."""
 
 from __future__ import annotations
 
