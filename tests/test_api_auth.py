@@ -100,13 +100,19 @@ async def test_auth_is_checked_before_the_body_is_read(guarded: Served) -> None:
     assert error_of(body)["code"] == "unauthorized"
 
 
+def _sample(path: str) -> str:
+    """A route's path with a plausible value for each parameter (a literal ``{id}`` is no
+    path the router matches: it would be a 404 before any token is asked for)."""
+    return path.replace("{name}", "Decode").replace("{id}", "burst-20260101-000000")
+
+
 @pytest.mark.parametrize(
     "path",
-    [route.path.replace("{name}", "Decode") for route in ROUTES if not route.public]
+    [_sample(route.path) for route in ROUTES if not route.public]
     + ["/v1/components/Decode/logs?lines=1"],
 )
 async def test_auth_all_protects_every_data_route(locked: Served, path: str) -> None:
-    method = next((r.method for r in ROUTES if r.path.replace("{name}", "Decode") == path), "GET")
+    method = next((r.method for r in ROUTES if _sample(r.path) == path), "GET")
     status, body, _ = await locked.call(method, path)
     assert status == 401, path
     assert error_of(body)["code"] == "unauthorized"
