@@ -28,36 +28,12 @@ from connector.graph.loader import load_graph
 from connector.local import ConnectorOptions, LocalConnector
 from tests.dynamo_helpers import TINY_MODEL_NAME, require_dynamo, until_the_model_is_listed
 from tests.servers import EtcdServer
+from tests.test_dynamo_e2e import GRAPH  # the plain graph, as copied from a cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 NS = "apiexp"
 TOKEN = "real-exp"
-GRAPH = """\
-apiVersion: nvidia.com/v1alpha1
-kind: DynamoGraphDeployment
-metadata: {{name: apiexp}}
-spec:
-  envs:
-    - {{name: HF_HUB_OFFLINE, value: "1"}}
-    - {{name: TRANSFORMERS_OFFLINE, value: "1"}}
-  services:
-    Frontend:
-      dynamoNamespace: {ns}
-      componentType: frontend
-      replicas: 1
-      extraPodSpec:
-        mainContainer:
-          command: ["{{python}}", -m, dynamo.frontend]
-    Worker:
-      dynamoNamespace: {ns}
-      componentType: worker
-      replicas: 1
-      extraPodSpec:
-        mainContainer:
-          command: ["{{python}}", -m, dynamo.mocker]
-          args: [--model-path, "{model}", --model-name, {name}, --speedup-ratio, "10"]
-"""
 
 
 def _plan(name: str, duration: float, tokenizer: Path) -> dict[str, Any]:

@@ -18,28 +18,9 @@ from connector.reconcile.loop import PLAN_STEP
 from connector.resources.manager import ResourceManager
 from connector.resources.reservation import Inventory
 from tests.core_helpers import kinds, make_graph, running, svc, wait_until
+from tests.test_resources import free_run
 
 pytestmark = pytest.mark.integration
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_run(n: int) -> int:
-    """The first of ``n`` consecutive ports that are free now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = int(s.getsockname()[1])
-        if first + n <= 65535 and all(bindable(first + i) for i in range(n)):
-            return first
-    raise AssertionError(f"no run of {n} free ports found")
 
 
 def index_matches_holds(m: ResourceManager) -> None:

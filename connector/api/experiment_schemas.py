@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from connector.api.schema_refs import Schema, ref
 from connector.experiment import plan as plan_limits
+from connector.experiment.timeline import FIXED_COLUMNS
 
 # The plan has the shape of the YAML plan file (connector.experiment.plan), whose reader
 # checks it and names the field of what is wrong; the bounds here are the reader's.
@@ -112,17 +113,8 @@ EXPERIMENT_PLAN: Schema = {
 
 _NUMBER_OR_NULL: Schema = {"type": ["number", "null"]}
 _COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 0}
-_FIGURES = (
-    "target_concurrency",
-    "target_request_rate",
-    "request_rate",
-    "errors_per_s",
-    "inflight",
-    "ttft_p50_s",
-    "ttft_p99_s",
-    "itl_p50_s",
-    "itl_p99_s",
-)
+# The timeline's figure columns (after t_s, time and phase), as the CSV names them.
+_FIGURES = FIXED_COLUMNS[3:]
 
 TIMELINE_MARK: Schema = {
     "type": "object",

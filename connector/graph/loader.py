@@ -49,7 +49,8 @@ The Python graph API (:mod:`connector.graph_api`) builds the same raw mapping an
 it to :func:`build_graph`, so both front doors share every rule here.
 
 Just over 500 lines: the docstring above is the graph format's reference, and the code is
-the sources (file, directory, ``module:attr``), strict YAML and ``build_graph``; the typed reading of each section is in :mod:`connector.graph.sections`.
+the sources (file, directory, ``module:attr``), strict YAML and ``build_graph``; the typed
+reading of each section is in :mod:`connector.graph.sections`.
 """
 
 from __future__ import annotations
