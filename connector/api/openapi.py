@@ -14,7 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from connector.api.routes import COMMON_ERRORS, ROUTES
-from connector.api.schemas import NAMED, ref
+from connector.api.schema_refs import ref
+from connector.api.schemas import NAMED
 from connector.api.spec import Body, Param, Route
 
 ERROR_DESCRIPTIONS = {

@@ -12,7 +12,7 @@ from connector.api import experiments as x
 from connector.api import handlers as h
 from connector.api import schemas as s
 from connector.api import timeline, vendor
-from connector.api.schemas import ref
+from connector.api.schema_refs import ref
 from connector.api.spec import COMPONENT_NAME, Body, Param, Route
 
 NAME = Param("name", COMPONENT_NAME, "component name as written in the graph", required=True)

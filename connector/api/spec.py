@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from connector.api.schemas import Schema
+from connector.api.schema_refs import Schema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

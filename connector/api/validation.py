@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connector.api.errors import BadRequest, InvalidValue
-from connector.api.schemas import Schema
+from connector.api.schema_refs import Schema
 
 _JSON_TYPES: dict[str, str] = {
     "object": "an object",
