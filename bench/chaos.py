@@ -277,9 +277,9 @@ class Proc:
 def scan(run_id: str) -> list[Proc]:
     """Every live (not zombie) process of this run, by its environment (blocking: /proc)."""
     found = []
-    for p in psutil.process_iter(["pid", "ppid", "status"]):
+    for p, info in procs.process_table(["ppid", "status"]):
         try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
+            if info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             env = p.environ()
             if env.get(MARKER_ENV) != run_id:
@@ -291,7 +291,7 @@ def scan(run_id: str) -> list[Proc]:
         found.append(
             Proc(
                 pid=p.pid,
-                ppid=p.info["ppid"],
+                ppid=info["ppid"],
                 pgid=pgid,
                 replica=env.get("DYNAMO_LOCAL_REPLICA"),
                 rpc_port=int(rpc) if rpc.isdigit() else None,
@@ -569,12 +569,11 @@ def kill_leftovers(run_id: str, working_dir: Path) -> list[int]:
     or the circusd whose config lies in the working dir), so that a failed run never leaves
     processes on the machine. Returns their pids: after a clean shutdown, none."""
     left = {p.pid for p in scan(run_id)}
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        with contextlib.suppress(psutil.Error):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(working_dir) in " ".join(
-                proc.info["cmdline"] or []
-            ):
-                left.add(proc.info["pid"])
+    for proc, info in procs.process_table(["cmdline", "status"]):
+        if info["status"] != psutil.STATUS_ZOMBIE and str(working_dir) in " ".join(
+            info["cmdline"] or []
+        ):
+            left.add(proc.pid)
     left.discard(os.getpid())
     for pid in sorted(left):
         with contextlib.suppress(ProcessLookupError):

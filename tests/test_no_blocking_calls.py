@@ -29,6 +29,7 @@ BLOCKING_PROCS = {
     "kill_leftovers",
     "identify",
     "wait_gone",
+    "process_table",
 }
 BLOCKING_BUILTINS = {"open"}
 BLOCKING_METHODS = {"read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink"}

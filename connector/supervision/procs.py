@@ -13,7 +13,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import psutil
 
@@ -67,14 +68,27 @@ _children_at = -1.0
 _children: dict[int, list[int]] = {}
 
 
+def process_table(attrs: Sequence[str]) -> Iterator[tuple[psutil.Process, dict[str, Any]]]:
+    """Every process, with ``attrs`` read now (blocking: /proc). Not ``psutil.process_iter``:
+    that keeps one global map of Process objects and sets their ``info`` on each call, so two
+    threads iterating at once (tree walks, group kills, a sampler) read each other's
+    attributes or fail (psutil #1991); fresh objects share nothing."""
+    for pid in psutil.pids():
+        try:
+            proc = psutil.Process(pid)
+            yield proc, proc.as_dict(list(attrs))
+        except psutil.Error:
+            continue  # gone meanwhile
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     global _children_at, _children
     with _children_lock:
         now = time.monotonic()
         if now - _children_at > _CHILDREN_TTL_S:
             fresh: dict[int, list[int]] = {}
-            for proc in psutil.process_iter(["ppid"]):
-                ppid = proc.info.get("ppid")
+            for proc, info in process_table(["ppid"]):
+                ppid = info.get("ppid")
                 if ppid is not None:
                     fresh.setdefault(ppid, []).append(proc.pid)
             _children, _children_at = fresh, now
@@ -212,11 +226,11 @@ def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
     Blocking: call it in a thread.
     """
     killed: list[psutil.Process] = []
-    for proc in psutil.process_iter(["pid", "create_time"]):
+    for proc, info in process_table(["create_time"]):
         try:
             if os.getpgid(proc.pid) != pgid:
                 continue
-            created = proc.info["create_time"]
+            created = info.get("create_time")
             if not_before is not None and created is not None and created + 0.01 < not_before:
                 continue
             proc.kill()
