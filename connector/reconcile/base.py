@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from connector.errors import (
     ComponentNotFound,
     ResourcesExhausted,
+    StateWriteFailed,
 )
 from connector.events import EventLog
 from connector.graph.model import Graph, PortSpec, ResourceRequest, Service, SocketSpec
@@ -214,6 +215,8 @@ class ReconcilerBase:
             await coro
         except asyncio.CancelledError:
             raise
+        except StateWriteFailed:
+            pass  # the store logs it; the loop's passes go on from the record in memory
         except Exception:
             log.exception("replica task %s failed", watcher)
         finally:
@@ -346,6 +349,8 @@ class ReconcilerBase:
         async def write() -> None:
             try:
                 await self.save()
+            except StateWriteFailed:
+                pass  # the store logs it, once and then at most once a minute
             except Exception:
                 log.exception("saving the state failed")
 

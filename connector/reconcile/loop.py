@@ -23,6 +23,7 @@ from collections.abc import Collection, Sequence
 
 from connector.errors import (
     ResourcesExhausted,
+    StateWriteFailed,
 )
 from connector.graph.quantities import approx_memory, format_memory
 from connector.reconcile.adoption import Adoption
@@ -69,6 +70,8 @@ class Reconciler(Adoption):
                 break
             try:
                 await self.reconcile_once()
+            except StateWriteFailed:
+                pass  # the store logs it, once and then at most once a minute; next pass retries
             except Exception:  # the loop must survive anything one pass runs into
                 log.exception("reconcile pass failed")
 

@@ -9,7 +9,9 @@ Writes go to a temp file that is fsynced and renamed over ``state.json``, so a c
 point leaves either the old or the new state. A write the OS refuses (disk full, read-only
 dir) raises :class:`~connector.errors.StateWriteFailed` (HTTP 503 ``state_unwritable``) in
 every caller waiting on it; the state stays in memory and the next write that succeeds
-carries all of it. A ``flock`` on ``connector.lock`` (released by
+carries all of it. The store logs a refused write once when writes start failing, at most
+once a minute while they keep failing, and once when one succeeds again: callers that know
+this error need not log it. A ``flock`` on ``connector.lock`` (released by
 the kernel when the holder dies, even on SIGKILL) keeps two connectors off one namespace.
 """
 
@@ -17,18 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import json
+import logging
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, Field
 
 from connector.errors import NamespaceLocked, StateWriteFailed
 
 STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 # spawning: record made, process not confirmed yet; starting: running, readiness pending;
 # ready: passed readiness; stopping: drain/stop in progress; backoff: exited, restart
@@ -100,6 +109,119 @@ class ConnectorState(BaseModel):
 
 # Saves asked for within this window share one serialization and write.
 SAVE_DEBOUNCE_S = 0.02
+# While writes keep failing, the store says so again at most this often (the loop saves
+# every pass, about once a second).
+FAILURE_LOG_EVERY_S = 60.0
+
+# A save with more than 1/MOSTLY_CHANGED of the records changed is a whole dump, and then
+# makes the pieces of 1/PIECES_AFTER_DUMP of the records at most (see _Fragments.render).
+MOSTLY_CHANGED = 3
+PIECES_AFTER_DUMP = 16
+
+# Where the replica records go in the document the rest of the state makes with no
+# replicas: the top-level key is the only one indented by exactly one space.
+_NO_REPLICAS = '\n "replicas": {}'
+
+
+_IMMUTABLE = (str, int, float, bool)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a record's field that no later in-place change reaches. Records hold
+    JSON-like values (scalars, dicts, lists, an :class:`ExitRecord`); plain dicts and lists
+    are copied here because :func:`copy.deepcopy` costs several times more."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy(v) for v in value]
+    if value is None or kind in _IMMUTABLE:
+        return value
+    return copy.deepcopy(value)
+
+
+def _snapshot(fields: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """What a record's piece is made from, compared with the live fields at the next save:
+    scalars as they are, every container (reservation, log paths, last exit) a copy of its
+    own, so that a change made in place shows. A container equal to the previous
+    snapshot's copy keeps that copy: a record whose phase or pid changed (most changes)
+    copies nothing deep."""
+    snap = dict(fields)
+    for name, value in fields.items():
+        if value is None or type(value) in _IMMUTABLE:
+            continue
+        if previous is not None:
+            kept = previous.get(name)
+            if type(kept) is type(value) and kept == value:
+                snap[name] = kept
+                continue
+        snap[name] = _copy(value)
+    return snap
+
+
+class _Fragments:
+    """Each replica record's piece of ``state.json``, made again only when the record changed.
+
+    Records are changed in place by many modules (attributes set, a dict updated), so
+    nothing marks them dirty; instead each piece is kept with a copy of the fields it was
+    made from (:func:`_snapshot`), and a save compares every record's fields with that copy
+    (a C-level dict comparison, several times cheaper than serializing the record). The
+    document is then the rest of the state, serialized whole (a few components), with the
+    pieces spliced in: the same bytes as ``ConnectorState.model_dump_json(indent=1)``. One
+    approximation: a field replaced by an equal value of another type (``1`` by ``1.0``)
+    keeps its old spelling, which reads back as the same value."""
+
+    def __init__(self) -> None:
+        # dict key -> (the fields the piece was made from, the piece)
+        self._pieces: dict[str, tuple[dict[str, Any], str]] = {}
+        self.made_total = 0  # records serialized so far (benchmarks and tests count them)
+
+    def render(self, state: ConnectorState) -> str:
+        replicas = state.replicas
+        pieces = self._pieces
+        changed = [
+            (key, rec)
+            for key, rec in replicas.items()
+            if (kept := pieces.get(key)) is None or kept[0] != rec.__dict__
+        ]
+        if len(pieces) > len(replicas) - len(changed):  # records removed: forget them
+            for key in pieces.keys() - replicas.keys():
+                del pieces[key]
+        if len(changed) * MOSTLY_CHANGED > len(replicas):
+            # Making a piece costs more than a record's share of the whole dump (a call of
+            # its own, and the copy): with this many changed (a scale's mass stop, the first
+            # save after adoption), dump the whole state as before and make the pieces a
+            # share at a time, so no save costs much more than the whole dump did.
+            for key, rec in changed[: max(1, len(replicas) // PIECES_AFTER_DUMP)]:
+                self._keep(key, rec)
+            return state.model_dump_json(indent=1)
+        for key, rec in changed:
+            self._keep(key, rec)
+        rest = state.model_copy(update={"replicas": {}}).model_dump_json(indent=1)
+        if not replicas:
+            return rest
+        head, found, tail = rest.partition(_NO_REPLICAS)
+        if not found:  # cannot be: the key is a field of ConnectorState
+            raise RuntimeError("the state's JSON has no top-level replicas")
+        body = ",\n".join([pieces[key][1] for key in replicas])
+        return f'{head}\n "replicas": {{\n{body}\n }}{tail}'
+
+    def _keep(self, key: str, rec: ReplicaRecord) -> None:
+        kept = self._pieces.get(key)
+        self._pieces[key] = (
+            _snapshot(rec.__dict__, kept[0] if kept is not None else None),
+            self._piece(key, rec),
+        )
+        self.made_total += 1
+
+    @staticmethod
+    def _piece(key: str, rec: ReplicaRecord) -> str:
+        """``"key": {record}`` as it reads inside ``replicas``, two levels deep: a record
+        serialized alone, every line indented two more spaces (JSON strings hold no raw
+        newline, so every newline is between tokens)."""
+        name = pydantic_core.to_json(key).decode()
+        body = rec.model_dump_json(indent=1).replace("\n", "\n  ")
+        return f"  {name}: {body}"
 
 
 class StateStore:
@@ -117,8 +239,14 @@ class StateStore:
         self._next_state: ConnectorState | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.writes_total = 0  # serializations so far (benchmarks and tests count them)
+        self.fragments = _Fragments()
         # The last write's failure, while no write has succeeded since (raise_if_failing).
         self.failure: StateWriteFailed | None = None
+        # Since when writes fail, how many did, and when that was last logged.
+        self._clock: Callable[[], float] = time.monotonic
+        self._failing_since = 0.0
+        self._failed_writes = 0
+        self._failure_logged_at = 0.0
 
     def acquire(self) -> None:
         """Take the namespace lock or raise :class:`NamespaceLocked` naming the holder."""
@@ -179,7 +307,8 @@ class StateStore:
         Every caller waits for a write that serialized the state *after* it called, so its
         change is on disk when this returns; callers that ask while one write is pending
         share it. So stopping N replicas (each saving) costs a few serializations per
-        :data:`SAVE_DEBOUNCE_S`, not N of the whole state. The state is serialized on the
+        :data:`SAVE_DEBOUNCE_S`, not N of the whole state, and each serialization makes again
+        only the records that changed (:class:`_Fragments`). The state is serialized on the
         loop (a consistent snapshot: the loop is the only writer) and written in a thread,
         atomically. A failed write (disk full, read-only dir) raises
         :class:`StateWriteFailed` in every waiter; the state stays as it is in memory, and
@@ -201,12 +330,16 @@ class StateStore:
             self._next, self._next_state = None, None
             assert state is not None
             try:
-                text = state.model_dump_json(indent=1)
+                text = self.fragments.render(state)
                 try:
                     await loop.run_in_executor(self._writer, self._write, text)
                 except OSError as exc:
-                    self.failure = StateWriteFailed.from_os_error(str(self.path), exc)
-                    raise self.failure from exc
+                    failure = StateWriteFailed.from_os_error(str(self.path), exc)
+                    self._log_failure(failure)
+                    self.failure = failure
+                    raise failure from exc
+                if self.failure is not None:
+                    self._log_recovery()
                 self.failure = None
             except Exception as exc:
                 waiter.set_exception(exc)
@@ -214,6 +347,41 @@ class StateStore:
             else:
                 waiter.set_result(None)
             self.writes_total += 1
+
+    def _log_failure(self, failure: StateWriteFailed) -> None:
+        """One line when writes start failing (or fail for another reason), then at most one
+        per :data:`FAILURE_LOG_EVERY_S`: the loop saves every pass, and a traceback a second
+        for a known condition buries everything else."""
+        now = self._clock()
+        previous = self.failure
+        self._failed_writes += 1
+        if previous is None:
+            self._failing_since, self._failed_writes = now, 1
+        elif (
+            previous.errno == failure.errno and now - self._failure_logged_at < FAILURE_LOG_EVERY_S
+        ):
+            return
+        self._failure_logged_at = now
+        if previous is None or previous.errno != failure.errno:
+            log.error("%s", failure.message)
+        else:
+            log.error(
+                "still cannot write the connector's state to %s: %s (%s); %d writes failed "
+                "in %.0f s",
+                self.path,
+                failure.details.get("reason"),
+                failure.details.get("errno"),
+                self._failed_writes,
+                now - self._failing_since,
+            )
+
+    def _log_recovery(self) -> None:
+        log.warning(
+            "the connector's state is written to %s again, after %d failed writes in %.0f s",
+            self.path,
+            self._failed_writes,
+            self._clock() - self._failing_since,
+        )
 
     def raise_if_failing(self) -> None:
         """Raise :class:`StateWriteFailed` when the last write failed and none has succeeded
