@@ -13,6 +13,7 @@ them with function scope. Loaded by ``tests/conftest.py`` as a pytest plugin.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import json
@@ -109,27 +110,35 @@ def wait_ready(
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port(below: int | None = None) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+# Ports the tests hand out by default: under the connector's replica range (20000-29999)
+# and outside the kernel's ephemeral range (32768-60999 here), where a port found free by
+# bind(0) can be taken a moment later as the source port of anybody's outgoing connection
+# (a real flake: a mock worker's /metrics port taken between the pick and its bind).
+TEST_PORTS = (10000, 19999)
+# Ports handed out lately: two picks in a row (a server's client and peer ports) must
+# differ even before either is bound.
+_HANDED: collections.deque[int] = collections.deque(maxlen=512)
 
-    ``below``: only ports under that number (e.g. 32768: ai-dynamo-runtime 1.6.1 reads
-    ``DYN_SYSTEM_PORT`` as a signed 16-bit number), picked at random and tried by binding.
-    """
-    if below is None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((LOOPBACK, 0))
-            port: int = s.getsockname()[1]
-            return port
+
+def free_port(below: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, picked at random and
+    tried by binding: from :data:`TEST_PORTS`, or with ``below`` only ports under that number
+    (e.g. 32768: ai-dynamo-runtime 1.6.1 reads ``DYN_SYSTEM_PORT`` as a signed 16-bit
+    number)."""
+    low, high = TEST_PORTS if below is None else (max(1024, below // 2), below - 1)
     rng = random.Random()
     for _ in range(200):
-        candidate = rng.randrange(max(1024, below // 2), below)
+        candidate = rng.randint(low, high)
+        if candidate in _HANDED:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((LOOPBACK, candidate))
             except OSError:
                 continue
-            return candidate
-    raise RuntimeError(f"no free loopback port below {below}")
+        _HANDED.append(candidate)
+        return candidate
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
