@@ -24,13 +24,13 @@ document is fuzzed, routes added later included.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +49,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.core.result import Err
+
+from bench.chaos import UpProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "api-fuzz-token"
@@ -125,90 +127,14 @@ def graph_yaml(run_id: str, talker: Path) -> str:
 # ------------------------------------------------------------------------ up, as a process
 
 
-class UpServer:
-    """``python -m connector up`` with a token, on a graph file; Ctrl-C at the end."""
-
-    def __init__(self, graph: Path, working_dir: Path) -> None:
-        self.graph = graph
-        self.working_dir = working_dir
-        self.log_path = working_dir.parent / "up.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, limit_s: float = STARTUP_LIMIT_S) -> str:
-        argv = [
-            sys.executable,
-            "-m",
-            "connector",
-            "up",
-            str(self.graph),
-            "--namespace",
-            NAMESPACE,
-            "--port",
-            "0",
-            "--working-dir",
-            str(self.working_dir),
-            "--discovery",
-            "none",
-            "--gpu-backend",
-            "none",
-            "--port-range",
-            PORT_RANGE,
-            "--token",
-            TOKEN,
-            "--log-level",
-            "warning",
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DYNAMO_LOCAL_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        with self.log_path.open("ab") as log:  # a file, never a pipe nobody reads
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-            )
-        deadline = time.monotonic() + limit_s
-        url = None
-        while time.monotonic() < deadline:
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if line.strip().startswith("API"):
-                    url = line.split()[1].removesuffix("/v1")
-                if url and line.strip().startswith("Ctrl-C"):
-                    self.url = url
-                    return url
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        code = self.proc.poll()
-        self.kill()
-        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"up did not start (exit code {code}); its output:\n{tail}")
-
-    def interrupt(self, limit_s: float = 30.0) -> int | None:
-        """Ctrl-C: every replica and circusd stop; SIGKILL when it takes over ``limit_s``."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(limit_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(10)
+def fuzz_up(graph: Path, working_dir: Path) -> UpProcess:
+    """``up`` on the fuzz graph, with the token and the exporter (``/metrics`` is fuzzed
+    too), started and stopped as the chaos suite's is."""
+    flags = [
+        *("--namespace", NAMESPACE, "--discovery", "none", "--gpu-backend", "none"),
+        *("--port-range", PORT_RANGE, "--token", TOKEN, "--log-level", "warning"),
+    ]
+    return UpProcess(graph, working_dir, flags, working_dir.parent / "up.log")
 
 
 # ------------------------------------------------------------------------ RSS
@@ -493,8 +419,8 @@ def run_fuzz(tmp: Path, *, cases: int, seed: int) -> FuzzRun:
     graph = folder / "graph.yaml"
     graph.write_text(graph_yaml(run_id, talker))
     working_dir = folder / "wd"
-    up = UpServer(graph, working_dir)
-    up.start()
+    up = fuzz_up(graph, working_dir)
+    asyncio.run(up.start(STARTUP_LIMIT_S))
     try:
         with RssSampler(up.pid) as rss:
             t0 = time.monotonic()
@@ -504,7 +430,7 @@ def run_fuzz(tmp: Path, *, cases: int, seed: int) -> FuzzRun:
         on_disk = state_counts(working_dir)
         processes = live_replicas(run_id)
     finally:
-        code = up.interrupt()
+        code = asyncio.run(up.interrupt())
         left = kill_leftovers(run_id)
     return FuzzRun(
         report,

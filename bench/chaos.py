@@ -585,47 +585,26 @@ def kill_leftovers(run_id: str, working_dir: Path) -> list[int]:
 
 
 class UpProcess:
-    """``python -m connector up`` on one working dir, started and SIGKILLed at will."""
+    """``python -m connector up GRAPH --port 0 --working-dir DIR FLAGS``, started and
+    SIGKILLed at will; its output goes to ``log_path``. Also what ``bench.api_fuzz`` runs."""
 
-    def __init__(
-        self, graph: Path, working_dir: Path, etcd_url: str, namespace: str, max_replicas: int
-    ) -> None:
+    def __init__(self, graph: Path, working_dir: Path, flags: list[str], log_path: Path) -> None:
         self.graph = graph
         self.working_dir = working_dir
-        self.etcd_url = etcd_url
-        self.namespace = namespace
-        self.max_replicas = max(max_replicas, 8)
-        self.log_path = working_dir.parent / f"{working_dir.name}-up.log"
+        self.flags = flags
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def argv(self) -> list[str]:
-        low, high = PORT_RANGE
         return [
-            sys.executable,
-            "-m",
-            "connector",
-            "up",
-            str(self.graph),
-            "--namespace",
-            self.namespace,
-            "--port",
-            "0",
-            "--working-dir",
-            str(self.working_dir),
-            "--discovery",
-            "etcd",
-            "--etcd-url",
-            self.etcd_url,
-            "--gpu-backend",
-            "none",
-            "--port-range",
-            f"{low}-{high}",
-            "--max-replicas",
-            str(self.max_replicas),
-            "--no-metrics",  # no exporter: nothing here reads /metrics
-            "--log-level",
-            "warning",
+            *(sys.executable, "-m", "connector", "up", str(self.graph), "--port", "0"),
+            *("--working-dir", str(self.working_dir), *self.flags),
         ]
 
     async def start(self, limit_s: float = STARTUP_LIMIT_S) -> str:
@@ -683,6 +662,21 @@ class UpProcess:
         except subprocess.TimeoutExpired:
             await self.kill()
             return None
+
+
+def chaos_up(
+    graph: Path, working_dir: Path, etcd_url: str, namespace: str, max_replicas: int
+) -> UpProcess:
+    """The chaos graph's ``up``: etcd discovery, no GPUs, no exporter (nothing reads
+    /metrics), a replica budget of at least 8."""
+    low, high = PORT_RANGE
+    flags = [
+        *("--namespace", namespace, "--discovery", "etcd", "--etcd-url", etcd_url),
+        *("--gpu-backend", "none", "--port-range", f"{low}-{high}"),
+        *("--max-replicas", str(max(max_replicas, 8)), "--no-metrics", "--log-level", "warning"),
+    ]
+    log_path = working_dir.parent / f"{working_dir.name}-up.log"
+    return UpProcess(graph, working_dir, flags, log_path)
 
 
 async def scale(http: aiohttp.ClientSession, url: str, replicas: int, wait: bool = False) -> Any:
@@ -766,7 +760,7 @@ async def up_deployment(
     run_id = new_run_id(namespace)
     folder = tmp / namespace
     graph = write_graph(folder, run_id, replicas=replicas, max_replicas=max_replicas)
-    up = UpProcess(graph, folder / "wd", etcd_url, namespace, max_replicas)
+    up = chaos_up(graph, folder / "wd", etcd_url, namespace, max_replicas)
     async with aiohttp.ClientSession() as http:
         dep = Deployment(namespace, run_id, folder / "wd", EtcdView(etcd_url), http, up=up)
         try:
