@@ -34,6 +34,7 @@ from connector.graph.model import (
     RestartMode,
     RestartPolicy,
     Role,
+    Service,
     SubComponentType,
 )
 from connector.view import ComponentView, ConnectorView, ReplicaView
@@ -282,18 +283,24 @@ async def test_without_an_exporter_the_connector_lists_only_replicas(tmp_path: P
 MOCK = (sys.executable, "-m", "connector.mockworker", "--discovery", "none")
 
 
+def mock_frontend() -> Service:
+    """The mock worker as a frontend: ``dynamo_frontend_*`` on its HTTP port, ready when
+    that port answers ``/health``."""
+    return svc(
+        "Frontend",
+        (*MOCK, "--role", "frontend"),
+        role=Role.FRONTEND,
+        replicas=1,
+        ports=(HTTP, RPC),
+        readiness=Readiness(kind=ReadinessKind.HTTP, url="http://127.0.0.1:{port.http}/health"),
+    )
+
+
 def _mock_graph() -> Graph:
     """Mock Dynamo processes serving /metrics where the real ones do: a frontend on its
     HTTP port, decode workers on their system port."""
     return make_graph(
-        svc(
-            "Frontend",
-            (*MOCK, "--role", "frontend"),
-            role=Role.FRONTEND,
-            replicas=1,
-            ports=(HTTP, RPC),
-            readiness=Readiness(kind=ReadinessKind.HTTP, url="http://127.0.0.1:{port.http}/health"),
-        ),
+        mock_frontend(),
         svc(
             "Decode",
             (*MOCK, "--role", "worker"),

@@ -12,7 +12,6 @@ second. The real frontend under load is in ``tests/test_api_experiments_real.py`
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from connector.graph.model import PortSpec, Readiness, ReadinessKind, Role, SubComponentType
+from connector.graph.model import SubComponentType
 from tests.api_helpers import QUICK, serve
 from tests.core_helpers import make_graph, svc, wait_until
+from tests.test_prometheus_sd import mock_frontend
 from tests.test_status_page import ARGS, ARTIFACTS, CHROMIUM, _open
 
 pytestmark = [
@@ -43,22 +43,9 @@ async def browser() -> AsyncIterator[Any]:
             await chromium.close()
 
 
-MOCK = (sys.executable, "-m", "connector.mockworker", "--discovery", "none")
-HTTP = PortSpec("http", "DYN_HTTP_PORT")
-SYSTEM = PortSpec("system", "DYN_SYSTEM_PORT")
-RPC = PortSpec("rpc", "DYN_TCP_RPC_PORT")
-
-
 def live_graph():  # type: ignore[no-untyped-def]
     return make_graph(
-        svc(
-            "Frontend",
-            (*MOCK, "--role", "frontend"),
-            role=Role.FRONTEND,
-            replicas=1,
-            ports=(HTTP, RPC),
-            readiness=Readiness(kind=ReadinessKind.HTTP, url="http://127.0.0.1:{port.http}/health"),
-        ),
+        mock_frontend(),
         svc(
             "Decode",
             sub_component_type=SubComponentType.DECODE,
