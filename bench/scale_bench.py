@@ -16,7 +16,8 @@ For ``sleep`` replicas (readiness ``none``, exit on SIGTERM at once):
    Default M = 1000.
 
 For reference, bare circusd also adds N watchers as the connector adds them (its argv
-through ``setpriv``, its env, its log streams): what circusd itself costs per replica,
+through ``setpriv``, its env, its log streams, the log files made beforehand as the
+connector makes them): what circusd itself costs per replica,
 the floor of the connector's scale-up with one circusd.
 
     python -m bench.scale_bench [--replicas 512] [--api-replicas 1000] [--healthz-rate 100]
@@ -44,7 +45,12 @@ from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
 from connector.supervision.circus import start_circusd, stop_circusd
 from connector.supervision.launcher import launcher_prefix
-from connector.supervision.logs import LogPolicy, circus_stream_options, log_paths
+from connector.supervision.logs import (
+    LogPolicy,
+    circus_stream_options,
+    create_log_files,
+    log_paths,
+)
 
 UP_RATIO_GOAL = 1.5
 PUT_GOAL_MS = 50.0
@@ -90,6 +96,9 @@ async def bare_circus_adds(tmp: Path, n: int, as_connector: bool = False) -> flo
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def add_all() -> float:
+        if log_dir is not None:  # the connector creates them in its own thread first
+            for i in range(n):
+                create_log_files(log_paths(log_dir, f"bare.w.{i}"))
         t0 = time.perf_counter()
         for i in range(n):
             command = {

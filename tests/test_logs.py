@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connector.supervision.logs import merge_newest, read_replica_lines, tail_lines
+from connector.supervision.logs import (
+    create_log_files,
+    log_paths,
+    merge_newest,
+    read_replica_lines,
+    tail_lines,
+)
 
 
 def test_tail_lines_reads_only_the_end(tmp_path: Path) -> None:
@@ -58,3 +64,17 @@ def test_the_stream_class_circusd_loads_by_name_is_importable_by_that_name() -> 
         module, _, name = options[f"{stream}_stream"]["class"].rpartition(".")
         cls = getattr(importlib.import_module(module), name)
         assert issubclass(cls, FileStream), cls
+
+
+def test_create_log_files_makes_missing_files_and_keeps_existing_ones(tmp_path: Path) -> None:
+    # The connector creates a replica's files before circusd opens them (creation is the
+    # costly part of circusd's open): a restart must not truncate what the replica wrote.
+    paths = log_paths(tmp_path, "ns.worker.3")
+    Path(paths["stdout"]).write_text("kept line\n")
+    create_log_files(paths)
+    assert Path(paths["stdout"]).read_text() == "kept line\n"
+    assert Path(paths["stderr"]).read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ns.worker.3.stderr.log",
+        "ns.worker.3.stdout.log",
+    ]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class ReconcilerBase:
         self.hooks = hooks or Hooks()
         self.resync_s = resync_s
         self.log_policy = log_policy or LogPolicy()
+        # Where a component without workingDir runs: the folder the connector started in
+        # (read once: a getcwd per spawn sat on the path of every add).
+        self.default_working_dir = os.getcwd()
         self._circusd_alive = circusd_alive
         self._recover_supervisor = recover_supervisor
         self.ops: dict[str, ScaleOp] = {}

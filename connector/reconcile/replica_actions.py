@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from connector.errors import (
@@ -35,9 +34,7 @@ from connector.reconcile.state import ComponentRecord, ExitRecord, ReplicaRecord
 from connector.supervision import procs
 from connector.supervision.circus import CircusCommandError
 from connector.supervision.launcher import launcher_prefix
-from connector.supervision.logs import (
-    circus_stream_options,
-)
+from connector.supervision.logs import circus_stream_options, create_log_files
 from connector.supervision.probes import ProbeTarget, wait_ready
 
 log = logging.getLogger("connector.reconcile")
@@ -87,11 +84,14 @@ class ReplicaActions(ReconcilerBase):
         res: ReservationLike = self.resources.reservation_from_dict(rec.reservation)
         return res
 
-    def _prepare_files(self, replica_id: str) -> tuple[Any, list[str]]:
-        """The log folder and the resource manager's ``prepare``, in one thread hop per
-        spawn (blocking: mkdir, unlink, binds)."""
+    def _prepare_files(self, rec: ReplicaRecord) -> tuple[Any, list[str]]:
+        """The log folder and files and the resource manager's ``prepare``, in one thread
+        hop per spawn (blocking: mkdir, creat, unlink, binds)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        return self.resources.prepare(replica_id)
+        create_log_files(rec.log_paths)
+        if not rec.reservation:
+            return None, []
+        return self.resources.prepare(rec.replica_id)
 
     async def _prepare_allocation(self, rec: ReplicaRecord, restart: bool) -> bool:
         """Make the replica's allocation usable right before its process (re)starts: stale
@@ -99,10 +99,7 @@ class ReplicaActions(ReconcilerBase):
         since its last exit) move, so it does not start only to fail on bind. True when a
         port moved: the record has the new ports and the old watcher, whose env names the
         old ones, is gone."""
-        if not rec.reservation:
-            await asyncio.to_thread(self.log_dir.mkdir, parents=True, exist_ok=True)
-            return False
-        reservation, moves = await asyncio.to_thread(self._prepare_files, rec.replica_id)
+        reservation, moves = await asyncio.to_thread(self._prepare_files, rec)
         if not moves:
             return False
         rec.reservation = reservation.to_dict()
@@ -141,7 +138,7 @@ class ReplicaActions(ReconcilerBase):
                 "numprocesses": 1,
                 "graceful_timeout": svc.graceful_stop_s,
                 "close_child_stdin": True,
-                "working_dir": svc.working_dir or str(Path.cwd()),
+                "working_dir": svc.working_dir or self.default_working_dir,
                 **circus_stream_options(rec.log_paths, self.log_policy),
             }
             reply = await self.channel.call(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,10 @@ class CircusChannel:
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._lock = asyncio.Lock()
+        # Message ids only tell this channel's replies apart: a counter under a random
+        # prefix, not a uuid4 a call (os.urandom each, on the path of every add).
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:12]
         self.calls = 0
         self.errors = 0
 
@@ -128,7 +133,7 @@ class CircusChannel:
     async def _call_once(
         self, command: str, timeout_s: float, properties: dict[str, Any]
     ) -> dict[str, Any]:
-        msg_id = uuid.uuid4().hex
+        msg_id = f"{self._id_prefix}-{next(self._ids)}"
         payload = json.dumps({"id": msg_id, "command": command, "properties": properties})
         async with self._lock:
             self.calls += 1

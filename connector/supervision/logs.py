@@ -32,6 +32,16 @@ def log_paths(log_dir: Path, watcher: str) -> dict[str, str]:
     return {stream: os.path.join(base, f"{watcher}.{stream}.log") for stream in STREAMS}
 
 
+def create_log_files(paths: dict[str, str]) -> None:
+    """Create a replica's log files before circusd opens them (blocking: call it in a
+    thread). circusd opens each stream's file on its one command path, and creating a file
+    costs ~0.2 ms on ext4 against ~6 us to open one that exists: made here, in the
+    connector's thread, a scale-up's files are made beside the serialized ``add`` commands
+    rather than inside them (about a sixth of circusd's time per replica)."""
+    for path in paths.values():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
+
+
 def circus_stream_options(paths: dict[str, str], policy: LogPolicy) -> dict[str, Any]:
     """Watcher options that make Circus write (and rotate) the replica's log files."""
     options: dict[str, Any] = {}
