@@ -316,3 +316,23 @@ async def test_stray_watchers_of_our_namespace_are_removed_on_start(tmp_path: Pa
         assert kinds(again, "adopt")[0].details["stray"] == ["t.decode.99"]
         assert not alive(stray)
         assert replica_ids(again, "Decode") == ["Decode/1"]
+
+
+async def test_a_log_file_that_cannot_be_made_fails_the_spawn_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    # The connector makes a replica's log files before circusd's add: a path it cannot
+    # create (here a folder sits there) is a failed spawn with the reason, then backoff.
+    graph = make_graph(svc("Decode", replicas=0, restart=FAST_RESTART))
+    async with running(graph, tmp_path) as conn:
+        blocked = tmp_path / "logs" / "t.decode.1.stdout.log"
+        blocked.mkdir(parents=True)
+        await conn.scale_component("Decode", 1, blocking=False)
+        await wait_until(lambda: kinds(conn, "spawn", "Decode"), limit_s=10)
+        first = kinds(conn, "spawn", "Decode")[0]
+        assert first.outcome == "failed"
+        assert first.reason.startswith("[Errno 21] Is a directory")
+        assert str(blocked) in first.reason
+        assert phases(conn, "Decode")["Decode/1"] in ("backoff", "spawning")
+        blocked.rmdir()
+        await wait_until(lambda: phases(conn, "Decode")["Decode/1"] == "ready", limit_s=15)

@@ -182,7 +182,10 @@ class ReplicaActions(ReconcilerBase):
                 code = self._last_code_by_watcher.pop(rec.watcher, None)
                 await self._after_exit(rec, code, "exited at once: " + describe_exit(code))
                 return
-            except (SupervisorUnavailable, CircusCommandError, ResourcesExhausted) as exc:
+            # OSError: the log folder or files could not be made (a full disk, a path
+            # taken by a folder); circusd itself answered that as a failed add before the
+            # files were made here, and a spawn that fails must not leave a traceback.
+            except (SupervisorUnavailable, CircusCommandError, ResourcesExhausted, OSError) as exc:
                 self.events.emit(
                     name,
                     component=rec.component,
