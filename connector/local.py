@@ -214,7 +214,11 @@ class LocalConnector(PlannerConnectorMixin):
             recover_supervisor=self._restart_circusd,
         )
         await self._start_interop()
-        self.supervisor.subscribe(self.reconciler.watcher_prefix, self.reconciler.on_circus_event)
+        self.supervisor.subscribe(
+            self.reconciler.watcher_prefix,
+            self.reconciler.on_circus_event,
+            self.reconciler.CIRCUS_EVENTS,
+        )
         report = await self.reconciler.adopt()
         if report["adopted"] or report["stray"] or report["lost"]:
             log.info("re-adoption: %s", report)
@@ -569,7 +573,8 @@ class LocalConnector(PlannerConnectorMixin):
     def replica_pids(self, name: str) -> dict[str, set[int]]:
         """Process-tree pids of each live replica (blocking psutil: call in a thread)."""
         out: dict[str, set[int]] = {}
+        table = procs.process_tree()
         for r in self.state.replicas_of(name):
             if r.pid is not None and procs.same_process(r.pid, r.create_time):
-                out[r.replica_id] = procs.tree_pids(r.pid)
+                out[r.replica_id] = table.of(r.pid)
         return out

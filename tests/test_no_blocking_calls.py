@@ -30,17 +30,12 @@ BLOCKING_PROCS = {
     "identify",
     "wait_gone",
     "process_table",
+    "process_tree",
 }
 BLOCKING_BUILTINS = {"open"}
 BLOCKING_METHODS = {"read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink"}
 # Calls that are as cheap as a syscall and documented as such where they are made.
-ALLOWED = {
-    # procs.running/same_process on the handful of pids of one replica's tree, between
-    # 20 ms sleeps, while a stop waits for them to exit (procs.terminate_group_async).
-    ("connector/supervision/procs.py", "terminate_group_async", "same_process"),
-    ("connector/supervision/procs.py", "wait_exit", "same_process"),
-    ("connector/supervision/procs.py", "_until_gone", "running"),
-}
+ALLOWED: set[tuple[str, str, str]] = set()
 
 
 def _calls_on_the_loop(fn: ast.AsyncFunctionDef) -> Iterator[ast.Call]:

@@ -1,13 +1,25 @@
-"""Process helpers read the process table from several threads at once (tree walks of
-stops, group kills, the exporter's sampler): what each reads must be its own."""
+"""Process helpers: the process table (read from several threads at once: tree walks of
+stops, group kills, the exporter's sampler; what each reads must be its own, and the fast
+/proc read must give psutil's numbers), and stopping a replica's process group."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
-from connector.supervision import procs
+from connector.supervision import proc_table, procs
 
 
 def test_process_table_shares_no_object_with_psutil_process_iter() -> None:
@@ -22,3 +34,145 @@ def test_process_table_shares_no_object_with_psutil_process_iter() -> None:
     assert all(rows[pid][1] is not cached[pid].info for pid in common)
     assert all(set(info) == {"ppid", "status"} for _, info in rows.values())
     assert rows[os.getpid()][1]["ppid"] == os.getppid()
+
+
+def _sleeper(tmp_path: Path, name: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``sleep`` under another name: the kernel's ``comm`` is the executable's name."""
+    exe = tmp_path / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+    return subprocess.Popen([str(exe), *args], **kwargs)
+
+
+def test_proc_table_reads_parent_group_and_start_as_psutil_does(tmp_path: Path) -> None:
+    """One read of /proc/<pid>/stat gives the numbers psutil gives, also for a process whose
+    name holds a space and ')' (the name field is parenthesised and may hold anything)."""
+    child = _sleeper(tmp_path, "x) (y", "60", start_new_session=True)
+    try:
+        rows = {row.pid: row for row in proc_table.scan()}
+        me, it = rows[os.getpid()], rows[child.pid]
+        assert (me.ppid, me.pgrp, me.zombie) == (os.getppid(), os.getpgid(0), False)
+        assert (it.ppid, it.pgrp, it.zombie) == (os.getpid(), child.pid, False)
+        assert psutil.Process(child.pid).name() == "x) (y"
+        assert it.create_time == pytest.approx(psutil.Process(child.pid).create_time(), abs=1e-6)
+        assert me.create_time == pytest.approx(psutil.Process().create_time(), abs=1e-6)
+        assert len(rows) == len(set(psutil.pids()) & rows.keys()) >= 2
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert {row.pid: row for row in proc_table.scan()}[child.pid].zombie
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_children_map_is_the_psutil_parent_map() -> None:
+    by_psutil: dict[int, set[int]] = {}
+    for proc, info in procs.process_table(["ppid"]):
+        by_psutil.setdefault(info["ppid"], set()).add(proc.pid)
+    ours = {
+        ppid: set(kids) for ppid, kids in proc_table.children_by_parent(proc_table.scan()).items()
+    }
+    # processes may start or end between the two reads: compare this process's own tree
+    assert ours.get(os.getpid(), set()) == by_psutil.get(os.getpid(), set())
+    assert ours[os.getppid()] >= {os.getpid()}
+
+
+async def test_a_leader_that_exits_on_sigterm_is_terminated_at_once() -> None:
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        assert await procs.terminate_group_async(child.pid, 10.0) == "terminated"
+        assert time.monotonic() - t0 < 5.0  # the pidfd fired, not the 10 s grace
+        assert child.wait(5) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_a_leader_that_ignores_sigterm_is_killed_after_its_grace() -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"1\n"
+        t0 = time.monotonic()
+        assert await procs.terminate_group_async(child.pid, 0.5) == "killed"
+        assert 0.5 <= time.monotonic() - t0 < 5.0
+        assert child.wait(5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
+async def test_a_child_in_a_session_of_its_own_is_stopped_with_its_leader() -> None:
+    """The group signal misses a child that called setsid; the tree walk reaches it."""
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    grandchild = None
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        assert os.getpgid(grandchild) == grandchild != child.pid
+        created = psutil.Process(grandchild).create_time()
+        assert await procs.terminate_group_async(child.pid, 5.0) == "terminated"
+        assert child.wait(5) == -signal.SIGTERM
+        assert not procs.same_process(grandchild, created)
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+        if grandchild is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)
+
+
+async def test_walks_asked_together_share_one_read_and_none_sees_an_older_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty stops walking their trees at once read the process table once; a walk asked
+    while a read is under way gets the next read, so it sees a child born meanwhile."""
+    reads: list[float] = []
+    first_read_started = threading.Event()
+    release_first_read = threading.Event()
+    real = procs.process_tree
+
+    def counted() -> proc_table.ProcessTree:
+        table = real()
+        reads.append(time.monotonic())
+        if len(reads) == 1:  # read; held until a child is born and another walk asked
+            first_read_started.set()
+            release_first_read.wait(10)
+        return table
+
+    monkeypatch.setattr(procs, "process_tree", counted)
+    me = os.getpid()
+    first = asyncio.gather(*(procs.tree_pids_async(me) for _ in range(50)))
+    await asyncio.to_thread(first_read_started.wait, 10)
+    child = subprocess.Popen(["sleep", "60"])  # born while the first read is under way
+    try:
+        later = asyncio.ensure_future(procs.tree_pids_async(me))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # waits for a read that begins after it was asked
+        release_first_read.set()
+        trees = await first
+        assert len(reads) == 1  # fifty walks, one read
+        assert all(me in tree and child.pid not in tree for tree in trees)
+        assert child.pid in await later
+        assert len(reads) == 2
+    finally:
+        release_first_read.set()
+        child.kill()
+        child.wait()

@@ -111,9 +111,12 @@ class Reconciler(Adoption):
             # Who else uses each GPU (NVML), so busy GPUs are not handed out. Walking every
             # replica's process tree is only worth it when there are GPUs to sample.
             leaders = [r.pid for r in self.state.replicas.values() if r.pid is not None]
-            await asyncio.to_thread(
-                lambda: self.resources.refresh({p for pid in leaders for p in procs.tree_pids(pid)})
-            )
+
+            def ours() -> set[int]:
+                table = procs.process_tree()
+                return {p for pid in leaders for p in table.of(pid)}
+
+            await asyncio.to_thread(lambda: self.resources.refresh(ours()))
         watched = [
             (r.watcher, r.pid, r.create_time)
             for r in self.state.replicas.values()
@@ -142,7 +145,12 @@ class Reconciler(Adoption):
         if not limits:
             return
         pids = dict(running)
-        used = await asyncio.to_thread(lambda: {w: procs.tree_rss(pids[w]) for w in limits})
+
+        def rss() -> dict[str, int]:
+            table = procs.process_tree()
+            return {w: procs.tree_rss(pids[w], table) for w in limits}
+
+        used = await asyncio.to_thread(rss)
         for watcher, limit in limits.items():
             rec = self.state.replicas.get(watcher)
             if rec is None or rec.pid != pids[watcher] or used[watcher] <= limit:

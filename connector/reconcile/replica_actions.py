@@ -40,12 +40,16 @@ from connector.supervision.probes import ProbeTarget, wait_ready
 log = logging.getLogger("connector.reconcile")
 
 
-def _live_tree(pid: int | None, create_time: float | None) -> set[int]:
-    """The pids of ``pid``'s tree while it is still the process we started (blocking:
-    it reads /proc, so it runs in a thread)."""
-    if pid and procs.same_process(pid, create_time):
-        return set(procs.tree_pids(pid))
-    return set()
+async def _live_tree(pid: int | None, create_time: float | None) -> set[int]:
+    """The pids of ``pid``'s tree while it is still the process we started (the walk is
+    shared with the stops asked at the same moment; the identity check in a thread)."""
+    if not pid:
+        return set()
+    members = await procs.tree_pids_async(pid)
+    if not members:
+        return set()
+    same: bool = await asyncio.to_thread(procs.same_process, pid, create_time)
+    return members if same else set()
 
 
 class ReplicaActions(ReconcilerBase):
@@ -264,6 +268,10 @@ class ReplicaActions(ReconcilerBase):
             self._spawn_background(self._run_hook(self.hooks.after_exit, rec))
         self._spawn_background(self._handle_exit(rec, pid))
 
+    # The circus events the loop needs: only ``reap`` (a pidfd tells it of an exit sooner,
+    # but not the exit code).
+    CIRCUS_EVENTS = frozenset({"reap"})
+
     def on_circus_event(self, watcher: str, event: str, data: dict[str, Any]) -> None:
         """Circus pub/sub: ``reap`` carries the exit code we cannot get from a pidfd."""
         if event == "reap":
@@ -405,7 +413,7 @@ class ReplicaActions(ReconcilerBase):
         step = op.step if op else standalone_step
         attrs = {"dynamo_local.replica": rec.replica_id}
         pid = rec.pid
-        pids = await asyncio.to_thread(_live_tree, pid, rec.create_time)
+        pids = await _live_tree(pid, rec.create_time)
         if pid is not None:
             self._exit_watcher.unwatch(pid)
         with step("drain", **attrs):

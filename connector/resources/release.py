@@ -59,13 +59,18 @@ class ReleaseTracking(ResourceState):
     async def _release(self, reservation: Reservation, pid_set: set[int]) -> ReleaseResult:
         replica_id = reservation.replica_id
         deadline = time.monotonic() + self.release_timeout_s
-        identities = await asyncio.to_thread(procs.identify, pid_set)
-        gone = await asyncio.to_thread(procs.wait_gone, identities, self.release_timeout_s)
+        identities, gone = await asyncio.to_thread(self._wait_processes_gone, pid_set)
         if not gone:
             await self._linger(reservation, pid_set, identities)
             return ReleaseResult(replica_id, False)
         leaked = await self._free_gpus(reservation, pid_set, deadline)
         return ReleaseResult(replica_id, True, leaked)
+
+    def _wait_processes_gone(self, pid_set: set[int]) -> tuple[dict[int, float], bool]:
+        """Which of ``pid_set`` run, and whether they are gone within the release timeout:
+        one thread hop (blocking: /proc), as a mass stop makes a thousand of them."""
+        identities = procs.identify(pid_set)
+        return identities, procs.wait_gone(identities, self.release_timeout_s)
 
     async def _free_gpus(
         self, reservation: Reservation, pid_set: set[int], deadline: float

@@ -45,7 +45,7 @@ class CircusSupervisor:
         # not leave it behind; one re-attached to keeps the replicas it already had).
         self.started = False
         self._events: CircusEvents | None = None
-        self._subscription: tuple[str, EventHandler] | None = None
+        self._subscription: tuple[str, EventHandler, frozenset[str] | None] | None = None
 
     async def attach(self, recorded: Mapping[str, Any] | None) -> CircusdInfo:
         """Attach to the external circusd, else to the recorded one if it is ours and alive
@@ -63,9 +63,12 @@ class CircusSupervisor:
         await self.channel.call("list")  # fail now, clearly, if it does not answer
         return self.info
 
-    def subscribe(self, prefix: str, handler: EventHandler) -> None:
-        """Receive the events of watchers named ``prefix*`` (again after a restart)."""
-        self._subscription = (prefix, handler)
+    def subscribe(
+        self, prefix: str, handler: EventHandler, events: frozenset[str] | None = None
+    ) -> None:
+        """Receive the ``events`` (all when None) of watchers named ``prefix*``, again
+        after a restart."""
+        self._subscription = (prefix, handler, events)
         self._start_events()
 
     def _start_events(self) -> None:
@@ -73,8 +76,8 @@ class CircusSupervisor:
             return
         if self._events is not None:
             return
-        prefix, handler = self._subscription
-        self._events = CircusEvents(self.info.pubsub_endpoint, prefix, handler)
+        prefix, handler, events = self._subscription
+        self._events = CircusEvents(self.info.pubsub_endpoint, prefix, handler, events)
         self._events.start()
 
     def alive(self) -> bool:

@@ -95,8 +95,9 @@ class Ownership:
             return None
 
         def trees() -> tuple[list[ReplicaAddress], dict[int, int]]:
+            table = procs.process_tree()
             addrs = [
-                ReplicaAddress(r.replica_id, allocated_ports(r), frozenset(procs.tree_pids(r.pid)))
+                ReplicaAddress(r.replica_id, allocated_ports(r), frozenset(table.of(r.pid)))
                 for r in live
                 if r.pid is not None
             ]
