@@ -27,6 +27,7 @@ BLOCKING_PROCS = {
     "create_time_of",
     "terminate_group",
     "kill_leftovers",
+    "kill_groups",
     "identify",
     "wait_gone",
     "process_table",

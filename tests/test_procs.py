@@ -176,3 +176,50 @@ async def test_walks_asked_together_share_one_read_and_none_sees_an_older_table(
         release_first_read.set()
         child.kill()
         child.wait()
+
+
+def _group_with_leftovers() -> tuple[subprocess.Popen[bytes], float, list[int]]:
+    """A replica whose leader died and left two children in its process group."""
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert leader.stdout is not None and leader.stdout.readline() == b"started\n"
+    created = psutil.Process(leader.pid).create_time()
+    kids = [p.pid for p in psutil.Process(leader.pid).children()]
+    assert len(kids) == 2 and all(os.getpgid(k) == leader.pid for k in kids)
+    leader.kill()
+    leader.wait()
+    assert leader.stdout is not None
+    leader.stdout.close()
+    return leader, created, kids
+
+
+def test_kill_groups_kills_every_leftover_of_the_groups_named_and_nothing_else() -> None:
+    """When circusd dies every replica's group is cleared from one read of the table;
+    a group not named, and processes older than their replica, are left alone."""
+    first, first_created, first_kids = _group_with_leftovers()
+    second, second_created, second_kids = _group_with_leftovers()
+    third, _, third_kids = _group_with_leftovers()
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        killed = procs.kill_groups(
+            [
+                (first.pid, first_created),
+                (second.pid, second_created),
+                (third.pid, time.time() + 100),  # "started later": these are not its own
+            ]
+        )
+        assert sorted(killed) == sorted(first_kids + second_kids)
+        assert all(
+            not psutil.pid_exists(k) or psutil.Process(k).status() == "zombie" for k in killed
+        )
+        assert all(procs.same_process(k, None) for k in third_kids)
+        assert stranger.poll() is None
+    finally:
+        for pid in first_kids + second_kids + third_kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stranger.kill()
+        stranger.wait()

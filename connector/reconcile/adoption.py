@@ -56,12 +56,13 @@ class Adoption(ReplicaActions):
                 rec.restart_at = time.time()
                 if rec.phase == "stopping":
                     self._launch(watcher, self._stop(rec, None, "stop interrupted by restart"))
-        for watcher, rec in list(self.state.replicas.items()):
-            if watcher in ours:
-                continue
-            # The watcher is gone (circusd restarted): the process must not survive either.
-            if rec.pid is not None:
-                await asyncio.to_thread(procs.kill_leftovers, rec.pid, rec.create_time)
+        lost = [(w, rec) for w, rec in self.state.replicas.items() if w not in ours]
+        # The watchers are gone (circusd restarted): their processes must not survive
+        # either. One read of the process table for all of them.
+        groups = [(rec.pid, rec.create_time) for _, rec in lost if rec.pid is not None]
+        if groups:
+            await asyncio.to_thread(procs.kill_groups, groups)
+        for watcher, rec in lost:
             report["lost"].append(rec.replica_id)
             if rec.phase == "stopping" or rec.component not in self.graph.services:
                 self.state.replicas.pop(watcher)

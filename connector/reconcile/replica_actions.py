@@ -296,7 +296,7 @@ class ReplicaActions(ReconcilerBase):
 
     async def _handle_exit(self, rec: ReplicaRecord, pid: int) -> None:
         # Whatever the leader started dies with it: orphans would keep GPUs and ports.
-        await asyncio.to_thread(procs.kill_leftovers, pid, rec.create_time)
+        await procs.kill_leftovers_async(pid, rec.create_time)
         # circusd reaps within its check_delay and tells us the code; wait briefly for it.
         waiter = self._reaped.setdefault(pid, asyncio.Event())
         with contextlib.suppress(TimeoutError):
@@ -467,10 +467,10 @@ class ReplicaActions(ReconcilerBase):
         if self._recover_supervisor is None:
             return
         self.events.emit("supervisor", outcome="failed", reason="circusd is gone; restarting it")
-        for rec in self.state.replicas.values():
-            if rec.pid is not None:
-                self._exit_watcher.unwatch(rec.pid)
-                await asyncio.to_thread(procs.kill_leftovers, rec.pid, rec.create_time)
+        groups = [(r.pid, r.create_time) for r in self.state.replicas.values() if r.pid]
+        for pid, _ in groups:
+            self._exit_watcher.unwatch(pid)
+        await asyncio.to_thread(procs.kill_groups, groups)  # one read of the table for all
         try:
             self.channel = await self._recover_supervisor()
         except ConnectorError as exc:

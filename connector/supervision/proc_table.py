@@ -100,10 +100,12 @@ def children_by_parent(rows: list[ProcRow]) -> dict[int, list[int]]:
 
 
 class ProcessTree:
-    """Who is whose child, as read at one moment (:meth:`read`, blocking). Read once to
-    walk the trees of many replicas: each read is of every process on the machine."""
+    """Every process and who is whose child, as read at one moment (:meth:`read`,
+    blocking). Read once to walk the trees of many replicas: each read is of every process
+    on the machine."""
 
     def __init__(self, rows: list[ProcRow]) -> None:
+        self.rows = rows
         self._children = children_by_parent(rows)
         self._pids = {row.pid for row in rows}
 

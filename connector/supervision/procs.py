@@ -124,15 +124,19 @@ _shared_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedReads
 )
 
 
-async def tree_pids_async(pid: int | None) -> set[int]:
-    """:func:`tree_pids` from a read shared with the walks asked at the same time."""
-    if not pid:
-        return set()
+async def _shared_read() -> proc_table.ProcessTree:
     loop = asyncio.get_running_loop()
     reads = _shared_reads.get(loop)
     if reads is None:
         reads = _shared_reads[loop] = _SharedReads()
-    return (await reads.read()).of(pid)
+    return await reads.read()
+
+
+async def tree_pids_async(pid: int | None) -> set[int]:
+    """:func:`tree_pids` from a read shared with the walks asked at the same time."""
+    if not pid:
+        return set()
+    return (await _shared_read()).of(pid)
 
 
 def signal_group(pid: int, sig: int, members: Collection[int] | None = None) -> None:
@@ -263,11 +267,22 @@ def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
     replica (``not_before``) are touched, so a recycled group id never hits a stranger.
     Blocking: call it in a thread.
     """
+    return kill_groups([(pgid, not_before)])
+
+
+def kill_groups(
+    groups: Collection[tuple[int, float | None]], table: proc_table.ProcessTree | None = None
+) -> list[int]:
+    """:func:`kill_leftovers` for many groups (``(pgid, not_before)``) from one read of the
+    table (``table``, or one read now: a leftover may have forked a moment ago): when
+    circusd dies, every replica's group at once. Blocking: call it in a thread."""
+    not_before = dict(groups)
     killed: list[psutil.Process] = []
-    for row in proc_table.scan():  # fresh: a leftover may have forked a moment ago
-        if row.pgrp != pgid or row.zombie:
+    for row in (table or process_tree()).rows:
+        if row.pgrp not in not_before or row.zombie:
             continue
-        if not_before is not None and row.create_time + 0.01 < not_before:
+        start = not_before[row.pgrp]
+        if start is not None and row.create_time + 0.01 < start:
             continue
         try:
             proc = psutil.Process(row.pid)
@@ -280,6 +295,13 @@ def kill_leftovers(pgid: int, not_before: float | None) -> list[int]:
     if killed:
         psutil.wait_procs(killed, timeout=5)
     return [p.pid for p in killed]
+
+
+async def kill_leftovers_async(pgid: int, not_before: float | None) -> list[int]:
+    """:func:`kill_leftovers` from a read of the table shared with the walks and kills
+    asked at the same moment (a read that begins after this was asked)."""
+    table = await _shared_read()
+    return await asyncio.to_thread(kill_groups, [(pgid, not_before)], table)
 
 
 def identify(pids: Collection[int]) -> dict[int, float]:
