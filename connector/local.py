@@ -475,9 +475,15 @@ class LocalConnector(PlannerConnectorMixin):
 
     # ---------------------------------------------------------------- reading
 
-    def view(self) -> ConnectorView:
+    def view(self, replicas: bool = True) -> ConnectorView:
+        """The snapshot readers use; ``replicas=False`` leaves out the replicas' views (the
+        components' counts are still there), for callers that need only those."""
         ops = self.reconciler.ops if self.reconciler is not None else {}
-        return build_view(self.namespace, self.graph, self.state, ops)
+        return build_view(self.namespace, self.graph, self.state, ops, replicas=replicas)
+
+    def converged(self, name: str) -> bool:
+        """Exactly the target's count of replicas of ``name``, all ready."""
+        return self._live().converged(name)
 
     def recent_events(self, since: int = 0) -> list[Event]:
         return self.events.since(since)

@@ -17,7 +17,6 @@ from connector.api.prometheus_sd import target_groups
 from connector.api.sse import stream_events, wants_event_stream
 from connector.api.views import (
     component_json,
-    converged,
     replica_json,
     require_component,
     sorted_replicas,
@@ -49,7 +48,16 @@ def json_ok(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def _component_name(request: web.Request, ctx: ApiContext) -> tuple[str, ConnectorView]:
+def _component_name(request: web.Request, ctx: ApiContext) -> str:
+    """The component the path names, or 404. Checked on a view without the replicas: with
+    a thousand of them a whole view takes ~10 ms, on the path of every call."""
+    name = request.match_info["name"]
+    require_component(ctx.connector.view(replicas=False), name, ctx.connector.graph.name)
+    return name
+
+
+def _component_view(request: web.Request, ctx: ApiContext) -> tuple[str, ConnectorView]:
+    """The component the path names (or 404) and the whole view, replicas included."""
     name = request.match_info["name"]
     view = ctx.connector.view()
     require_component(view, name, ctx.connector.graph.name)
@@ -74,7 +82,7 @@ async def list_components(request: web.Request) -> web.Response:
 
 async def get_component(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, view = _component_name(request, ctx)
+    name, view = _component_view(request, ctx)
     component = require_component(view, name, ctx.connector.graph.name)
     return json_ok(
         {
@@ -86,7 +94,7 @@ async def get_component(request: web.Request) -> web.Response:
 
 async def get_replicas(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, view = _component_name(request, ctx)
+    name, view = _component_view(request, ctx)
     component = require_component(view, name, ctx.connector.graph.name)
     return json_ok(
         {
@@ -102,14 +110,15 @@ async def get_replicas(request: web.Request) -> web.Response:
 def _operation_result(
     ctx: ApiContext, name: str, operation: str, target: int, waited: bool
 ) -> dict[str, Any]:
-    view = ctx.connector.view()
+    # Without the replicas' views: a scale of a thousand answers within its 50 ms.
+    view = ctx.connector.view(replicas=False)
     component = require_component(view, name, ctx.connector.graph.name)
     return {
         "component": name,
         "operation": operation,
         "target": target,
         "waited": waited,
-        "converged": converged(component, sorted_replicas(view, name)),
+        "converged": component.ready == component.desired and ctx.connector.converged(name),
         "state": component_json(component),
     }
 
@@ -133,7 +142,7 @@ def _not_converged(
     ctx: ApiContext, name: str, operation: str, target: int, waited_s: float
 ) -> ConnectorError:
     """Why a wait returned False: a newer target replaced it (409), or time ran out."""
-    view = ctx.connector.view()
+    view = ctx.connector.view(replicas=False)
     component = require_component(view, name, ctx.connector.graph.name)
     details = {
         "component": name,
@@ -165,7 +174,7 @@ def _wait_timeout(ctx: ApiContext, body: dict[str, Any]) -> float:
 
 async def put_replicas(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, _ = _component_name(request, ctx)
+    name = _component_name(request, ctx)
     body = request[BODY]
     replicas: int = body["replicas"]
     wait = bool(body.get("wait", False))
@@ -182,10 +191,11 @@ async def put_replicas(request: web.Request) -> web.Response:
 
 async def restart_component(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, view = _component_name(request, ctx)
+    name = _component_name(request, ctx)
     body = request[BODY]
     wait = bool(body.get("wait", False))
     timeout_s = _wait_timeout(ctx, body)
+    view = ctx.connector.view(replicas=False)
     target = require_component(view, name, ctx.connector.graph.name).desired
     ok = await ctx.connector.restart_component(name, blocking=wait, timeout_s=timeout_s)
     if wait and not ok:
@@ -197,7 +207,7 @@ async def restart_component(request: web.Request) -> web.Response:
 
 async def get_logs(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, _ = _component_name(request, ctx)
+    name = _component_name(request, ctx)
     query: dict[str, Any] = request[QUERY]
     lines = await ctx.connector.get_component_logs(
         name,
@@ -210,13 +220,13 @@ async def get_logs(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, _ = _component_name(request, ctx)
+    name = _component_name(request, ctx)
     return json_ok(await ctx.connector.get_component_metrics(name))
 
 
 async def get_component_resources(request: web.Request) -> web.Response:
     ctx = context(request)
-    name, _ = _component_name(request, ctx)
+    name = _component_name(request, ctx)
     return json_ok(await ctx.connector.get_resource_usage(name))
 
 

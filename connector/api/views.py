@@ -63,11 +63,3 @@ def require_component(view: ConnectorView, name: str, graph_name: str) -> Compon
 
 def sorted_replicas(view: ConnectorView, name: str) -> list[ReplicaView]:
     return sorted(view.replicas_of(name), key=lambda r: (len(r.replica), r.replica))
-
-
-def converged(component: ComponentView, replicas: list[ReplicaView]) -> bool:
-    return (
-        component.ready == component.desired
-        and len(replicas) == component.desired
-        and all(r.ready for r in replicas)
-    )

@@ -58,9 +58,14 @@ def replica_view(
 
 
 def build_view(
-    namespace: str, graph: Graph, state: ConnectorState, ops: Mapping[str, ScaleOp]
+    namespace: str,
+    graph: Graph,
+    state: ConnectorState,
+    ops: Mapping[str, ScaleOp],
+    replicas: bool = True,
 ) -> ConnectorView:
-    """The snapshot of ``state`` (``ops``: the scale operation in flight per component)."""
+    """The snapshot of ``state`` (``ops``: the scale operation in flight per component);
+    without ``replicas``, the components only (their counts included)."""
     components = []
     for name, svc in graph.services.items():
         comp = state.components.get(name) or ComponentRecord(target=svc.replicas)
@@ -96,13 +101,13 @@ def build_view(
     # The limit comes from the graph, as the reconcile loop reads it when it enforces it (the
     # reservation holds what was reserved, not the limit).
     limits = {name: svc.resources.memory_limit_bytes for name, svc in graph.services.items()}
-    replicas = tuple(
+    views = tuple(
         replica_view(r, r.component in looping, limits.get(r.component, 0))
-        for r in state.replicas.values()
+        for r in (state.replicas.values() if replicas else ())
     )
     return ConnectorView(
         namespace=namespace,
         taken_at=time.time(),
         components=tuple(components),
-        replicas=replicas,
+        replicas=views,
     )
