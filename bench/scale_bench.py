@@ -15,6 +15,9 @@ For ``sleep`` replicas (readiness ``none``, exit on SIGTERM at once):
    due), has p99 <= 50 ms while the M replicas are planned, spawned and stopped.
    Default M = 1000.
 
+The connector runs as ``up`` runs it: its start-up heap frozen out of the garbage
+collector's full passes (``connector.cli.heap``).
+
 For reference, bare circusd also adds N watchers as the connector adds them (its argv
 through ``setpriv``, its env, its log streams, the log files made beforehand as the
 connector makes them): what circusd itself costs per replica,
@@ -40,6 +43,7 @@ import psutil
 from circus.client import CircusClient
 
 from connector.api.server import create_app, start_server
+from connector.cli.heap import freeze_startup_heap
 from connector.graph import dynamo_defaults
 from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
@@ -129,6 +133,7 @@ async def connector_round(tmp: Path, n: int) -> dict[str, float]:
     options = ConnectorOptions(discovery="none", gpu_backend="none", max_replicas=max(n, 64))
     conn = LocalConnector("bench", _graph(n), tmp / "wd", options)
     await conn.initialize()
+    freeze_startup_heap()  # as `up` does once started
     me = psutil.Process()
     try:
         t0 = time.perf_counter()
@@ -210,6 +215,7 @@ async def api_round(tmp: Path, m: int, rate: float) -> dict[str, Any]:
     options = ConnectorOptions(discovery="none", gpu_backend="none", max_replicas=max(m, 64))
     conn = LocalConnector("bench", _graph(m, ports=True), tmp / "wd-api", options)
     await conn.initialize()
+    freeze_startup_heap()  # as `up` does once started
     server = await start_server(create_app(conn), "127.0.0.1", 0)
     load = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -191,3 +191,44 @@ async def test_wait_started_wakes_once_the_connector_is_up_or_shut_down(tmp_path
     waiter = asyncio.create_task(never.wait_started())
     await never.shutdown()  # before it ever started
     assert await asyncio.wait_for(waiter, 5) is False
+
+
+async def test_stops_signal_and_remove_a_bounded_number_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale to zero drains every replica at once but signals and removes at most
+    STOP_SLOTS of them at a time (circusd removes one watcher at a time; a thousand stops
+    at once flooded the event loop)."""
+    from connector.reconcile import base
+    from connector.supervision import procs
+
+    monkeypatch.setattr(base, "STOP_SLOTS", 2)
+    real = procs.terminate_group_async
+    inside: list[int] = []
+    most = 0
+    stopping_at_first: list[int] = []
+
+    graph = make_graph(svc("Decode", max_replicas=6, drain_s=0.3))
+    async with running(graph, tmp_path) as conn:
+
+        async def counted(pid: int, graceful_s: float) -> str:
+            nonlocal most
+            if not stopping_at_first:
+                stopping_at_first.append(list(phases(conn, "Decode").values()).count("stopping"))
+            inside.append(pid)
+            most = max(most, len(inside))
+            try:
+                await asyncio.sleep(0.2)
+                return await real(pid, graceful_s)
+            finally:
+                inside.remove(pid)
+
+        monkeypatch.setattr(procs, "terminate_group_async", counted)
+        assert await conn.scale_component("Decode", 6, timeout_s=20)
+        running_pids = list(pids(conn, "Decode").values())
+        assert await conn.scale_component("Decode", 0, timeout_s=20)
+        assert replica_ids(conn, "Decode") == []
+        assert most == 2
+        assert stopping_at_first == [6]  # all drained together; only the stops wait
+        assert not any(alive(pid) for pid in running_pids)
+        assert [e.details["how"] for e in kinds(conn, "stop", "Decode")] == ["terminated"] * 6

@@ -29,6 +29,7 @@ from connector.api.server import (
     loopback_hosts,
     start_server,
 )
+from connector.cli.heap import freeze_startup_heap
 from connector.dynamo.frontend_hint import announce_when_serving, frontend_services
 from connector.dynamo.private_etcd import PACKAGE, EtcdNotInstalled, PrivateEtcd, PrivateEtcdError
 from connector.errors import ConnectorError
@@ -310,6 +311,7 @@ async def run_up(
             await exporter.start()
             stack.exporter = exporter
             app[CONTEXT].exporter = exporter
+        freeze_startup_heap()  # what lives from here on is what the collector walks
         _announce(connector, stack.server, config, out, policies)
         # Once the graph serves: a curl that gets an answer from its frontend.
         stack.hint = asyncio.create_task(

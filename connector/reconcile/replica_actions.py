@@ -423,16 +423,8 @@ class ReplicaActions(ReconcilerBase):
                 await self._run_hook(self.hooks.before_stop, rec)
             elif svc is not None and svc.drain_s and was_ready:
                 await asyncio.sleep(svc.drain_s)
-        with step("stop", **attrs) as span:
-            how = "not running"
-            if pids and pid is not None:
-                graceful = svc.graceful_stop_s if svc else 10.0
-                how = await procs.terminate_group_async(pid, graceful)
-            span.set_attribute("dynamo_local.stop", how)
-            with contextlib.suppress(SupervisorUnavailable, CircusCommandError):
-                await self.channel.call("rm", name=rec.watcher, waiting=True)
-        if self.hooks.after_exit is not None:
-            await self._run_hook(self.hooks.after_exit, rec)
+        async with self._stop_slots:
+            how = await self._terminate(rec, step, attrs, pids)
         if rec.reservation is not None:
             with step("release", **attrs):
                 await self._release(rec, pids)
@@ -449,6 +441,25 @@ class ReplicaActions(ReconcilerBase):
         )
         await self.save()
         self.wake()
+
+    async def _terminate(
+        self, rec: ReplicaRecord, step: Any, attrs: dict[str, Any], pids: set[int]
+    ) -> str:
+        """SIGTERM the group (SIGKILL after the grace period), remove the watcher; how it
+        went: ``terminated``, ``killed`` or ``not running``."""
+        svc = self.graph.services.get(rec.component)
+        pid = rec.pid
+        with step("stop", **attrs) as span:
+            how = "not running"
+            if pids and pid is not None:
+                graceful = svc.graceful_stop_s if svc else 10.0
+                how = await procs.terminate_group_async(pid, graceful)
+            span.set_attribute("dynamo_local.stop", how)
+            with contextlib.suppress(SupervisorUnavailable, CircusCommandError):
+                await self.channel.call("rm", name=rec.watcher, waiting=True)
+        if self.hooks.after_exit is not None:
+            await self._run_hook(self.hooks.after_exit, rec)
+        return how
 
     async def _release(self, rec: ReplicaRecord, pids: set[int]) -> None:
         try:
