@@ -10,13 +10,16 @@ full disk as the write sees it; or a directory, which no one can open for writin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from connector.graph.model import Readiness, ReadinessKind
 from connector.reconcile.state import StateStore
 from tests.api_helpers import QUICK, serve
 from tests.core_helpers import alive, make_graph, svc, wait_until
@@ -120,3 +123,47 @@ async def test_a_refused_state_write_is_a_503_and_the_next_write_catches_up(
                 == ["ready"] * 3
             )
         )
+
+
+async def test_a_waiting_scale_hears_at_once_when_writes_start_failing(tmp_path: Path) -> None:
+    """Writes that start failing while a scale waits end the wait with the 503 at once, not
+    at its timeout (nothing can start or stop until its record is written); the target is
+    kept and carried out once the dir is writable."""
+    graph = make_graph(
+        svc(
+            "Decode",
+            max_replicas=3,
+            readiness=Readiness(kind=ReadinessKind.PROCESS, startup_grace_s=2.0),
+        ),
+        name="sw",
+    )
+    async with serve(tmp_path, graph, token="t0ken") as served:
+        conn = served.connector
+        store = conn.store
+        waiting = asyncio.ensure_future(
+            served.call(
+                "PUT",
+                "/v1/components/Decode/replicas",
+                body={"replicas": 3, "wait": True, "timeout_s": 60},
+                token="t0ken",
+            )
+        )
+        await wait_until(
+            lambda: [r.phase for r in conn.state.replicas_of("Decode")] == ["starting"] * 3
+        )
+        make_unwritable(store, "symlink to /dev/full")
+        try:
+            t0 = time.monotonic()
+            status, body, resp = await asyncio.wait_for(waiting, 30)
+            assert time.monotonic() - t0 < 10  # the 2 s grace ends, its write fails: 503
+            assert (status, resp.headers["Retry-After"]) == (503, "5")
+            assert body["error"]["code"] == "state_unwritable"
+            assert body["error"]["details"]["errno"] == "ENOSPC"
+            assert conn.view(replicas=False).component("Decode").desired == 3  # kept
+        finally:
+            make_writable(store)
+        await wait_until(
+            lambda: [r.phase for r in conn.state.replicas_of("Decode")] == ["ready"] * 3,
+            limit_s=15,
+        )
+        assert on_disk_target(store, "Decode") == 3

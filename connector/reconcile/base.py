@@ -320,10 +320,23 @@ class ReconcilerBase:
             del self.ops[op.component]
 
     async def wait_op(self, op: ScaleOp, timeout_s: float) -> bool:
+        """Wait until ``op`` is done, at most ``timeout_s``: True when it converged. Raises
+        :class:`StateWriteFailed` as soon as a state write fails meanwhile: no replica
+        starts or stops until its record is written, so the wait could only run out; the op
+        stays open, and is carried out once a write succeeds."""
         done = self._op_done.get(id(op))
         if done is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout_s)
+            ended = asyncio.ensure_future(done.wait())
+            failing = asyncio.ensure_future(self.store.failing.wait())
+            try:
+                await asyncio.wait(
+                    (ended, failing), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                ended.cancel()
+                failing.cancel()
+            if not op.done:
+                self.store.raise_if_failing()
         if not op.done:
             self.finish_op(op, "timeout", f"not converged within {timeout_s:g} s")
         return op.outcome == "ok"

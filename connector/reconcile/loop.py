@@ -268,8 +268,9 @@ class Reconciler(Adoption):
         now = time.time()
         for rec in recs:
             # A start or stop whose task died half-way (its state write failed: disk full, a
-            # read-only dir) has no task left: the record would stay spawning or stopping
-            # forever. A stop is finished; a start is tried again like a restart.
+            # read-only dir) has no task left: the record would stay spawning, starting or
+            # stopping forever. A stop is finished; a start is tried again like a restart;
+            # a replica whose process runs is probed again.
             if rec.watcher in self._tasks:
                 continue
             if rec.phase == "stopping":
@@ -277,6 +278,8 @@ class Reconciler(Adoption):
             elif rec.phase == "spawning" and not comp.crashloop:
                 rec.phase = "backoff"
                 rec.restart_at = now
+            elif rec.phase == "starting" and self._exit_watcher.watching(rec.pid):
+                self._launch(rec.watcher, self._resume_probe(rec))  # (not one that exited)
         if not comp.crashloop:
             for rec in recs:
                 if (

@@ -240,8 +240,10 @@ class StateStore:
         self._flusher: asyncio.Task[None] | None = None
         self.writes_total = 0  # serializations so far (benchmarks and tests count them)
         self.fragments = _Fragments()
-        # The last write's failure, while no write has succeeded since (raise_if_failing).
+        # The last write's failure, while no write has succeeded since (raise_if_failing),
+        # and the same as an event, for waits that must end when writes start failing.
         self.failure: StateWriteFailed | None = None
+        self.failing = asyncio.Event()
         # Since when writes fail, how many did, and when that was last logged.
         self._clock: Callable[[], float] = time.monotonic
         self._failing_since = 0.0
@@ -337,10 +339,12 @@ class StateStore:
                     failure = StateWriteFailed.from_os_error(str(self.path), exc)
                     self._log_failure(failure)
                     self.failure = failure
+                    self.failing.set()
                     raise failure from exc
                 if self.failure is not None:
                     self._log_recovery()
                 self.failure = None
+                self.failing.clear()
             except Exception as exc:
                 waiter.set_exception(exc)
                 waiter.exception()  # retrieved: a waiter that went away logs nothing

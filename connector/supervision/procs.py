@@ -358,6 +358,10 @@ class ExitWatcher:
         loop.add_reader(fd, fired)
         return True
 
+    def watching(self, pid: int | None) -> bool:
+        """True while ``pid`` is watched: it ran when watched, and no exit was seen since."""
+        return pid in self._fds
+
     def unwatch(self, pid: int) -> None:
         fd = self._fds.pop(pid, None)
         if fd is None:
