@@ -223,3 +223,33 @@ def test_kill_groups_kills_every_leftover_of_the_groups_named_and_nothing_else()
                 os.kill(pid, signal.SIGKILL)
         stranger.kill()
         stranger.wait()
+
+
+async def test_a_stop_cancelled_while_it_signals_leaves_no_pidfd_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newer plan may cancel a stop while its thread identifies and signals the group;
+    the thread goes on, and the pidfd it opened for the leader is closed when it ends."""
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    in_thread = threading.Event()
+    real = procs.identify
+
+    def slow_identify(pids: Any) -> dict[int, float]:
+        in_thread.set()
+        time.sleep(0.3)
+        return real(pids)
+
+    monkeypatch.setattr(procs, "identify", slow_identify)
+    try:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        stop = asyncio.ensure_future(procs.terminate_group_async(child.pid, 5.0))
+        await asyncio.to_thread(in_thread.wait, 5)
+        stop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stop
+        assert child.wait(5) == -signal.SIGTERM  # the thread went on and signalled
+        await asyncio.sleep(0.1)  # its result, and the pidfd, are handled on the loop
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+    finally:
+        child.kill()
+        child.wait()

@@ -212,11 +212,11 @@ async def terminate_group_async(pid: int, graceful_s: float) -> str:
     group, wait for the leader on a pidfd and for the rest of its tree, then SIGKILL what is
     left. Returns ``"terminated"`` or ``"killed"``.
 
-    Nothing here reads /proc on the loop: with hundreds of stops at once the worker threads
-    hold the GIL, and every file read on the loop thread gives it up and waits up to the
-    5 ms switch interval to get it back (a stop's few reads held the loop ~30 ms). The
-    leader's pidfd is opened in the thread, before the signal, so it fires even when the
-    leader exits at once; a replica with no other process ends with no further read."""
+    Nothing here reads /proc on the loop: with hundreds of stops at once and the worker
+    threads busy, the few reads a stop made on the loop (its leader's state, its tree's)
+    held it up to ~30 ms a step. The leader's pidfd is opened in the thread, before the
+    signal, so it fires even when the leader exits at once; a replica with no other process
+    ends with no further read."""
 
     def term(members: set[int]) -> tuple[dict[int, float], int | None]:  # /proc: a thread
         found = identify(members)
@@ -231,7 +231,12 @@ async def terminate_group_async(pid: int, graceful_s: float) -> str:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(other).kill()
 
-    members, fd = await asyncio.to_thread(term, await tree_pids_async(pid))
+    signalled = asyncio.ensure_future(asyncio.to_thread(term, await tree_pids_async(pid)))
+    try:
+        members, fd = await asyncio.shield(signalled)
+    except asyncio.CancelledError:  # the thread goes on: the pidfd it opens is closed then
+        signalled.add_done_callback(_close_pidfd_of)
+        raise
     deadline = time.monotonic() + graceful_s
     leader_gone = pid not in members
     if fd is not None:
@@ -246,6 +251,14 @@ async def terminate_group_async(pid: int, graceful_s: float) -> str:
     await asyncio.to_thread(kill, alive)
     await _until_gone(members, 5.0)
     return "killed"
+
+
+def _close_pidfd_of(done: asyncio.Future[tuple[dict[int, float], int | None]]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    fd = done.result()[1]
+    if fd is not None:
+        os.close(fd)
 
 
 async def _until_gone(members: Mapping[int, float], timeout_s: float) -> set[int]:
