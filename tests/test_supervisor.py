@@ -15,6 +15,7 @@ from connector.errors import SupervisorUnavailable
 from connector.supervision.circus import (
     CircusChannel,
     CircusCommandError,
+    CircusEvents,
     free_loopback_port,
     start_circusd,
     stop_circusd,
@@ -134,3 +135,36 @@ async def test_busy_forever_gives_up_with_a_clear_error() -> None:
         server.cancel()
         channel.close()
         router.close(linger=0)
+
+
+async def test_events_deliver_only_what_was_asked_for_with_the_exit_code(tmp_path: Path) -> None:
+    """circusd publishes spawn, start, stop, reap... for every watcher; a subscription for
+    ``reap`` hands on only that one, parsed, for watchers under its prefix only."""
+    info = await start_circusd(tmp_path / "circus")
+    channel = CircusChannel(info.endpoint)
+    got: list[tuple[str, str, dict[str, object]]] = []
+    events = CircusEvents(
+        info.pubsub_endpoint, "t.", lambda w, e, d: got.append((w, e, d)), frozenset({"reap"})
+    )
+    events.start()
+    try:
+        await asyncio.sleep(0.3)  # the subscription is in place before anything happens
+        for name in ("t.decode.1", "other.decode.1"):
+            await channel.call(
+                "add",
+                name=name,
+                cmd="sh",
+                args=["-c", "exit 3"],
+                options={"respawn": False},
+                start=True,
+            )
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # anything else that would come, would by now
+        assert [(w, e) for w, e, _ in got] == [("t.decode.1", "reap")]
+        assert got[0][2]["exit_code"] == 3
+    finally:
+        await events.stop()
+        await stop_circusd(info, channel)
+        channel.close()
