@@ -39,6 +39,12 @@ from connector.supervision.probes import ProbeTarget, wait_ready
 
 log = logging.getLogger("connector.reconcile")
 
+# How long an exit's handling waits for circusd's reap event (the exit code). circusd reaps
+# every check_delay (0.25 s) when not busy; 1 s was once missed on a loaded machine, and
+# the wait ends as soon as the event comes, so only an exit whose code never comes waits
+# all of it.
+REAP_WAIT_S = 2.0
+
 
 async def _live_tree(pid: int | None, create_time: float | None) -> set[int]:
     """The pids of ``pid``'s tree while it is still the process we started (the walk is
@@ -296,11 +302,13 @@ class ReplicaActions(ReconcilerBase):
 
     async def _handle_exit(self, rec: ReplicaRecord, pid: int) -> None:
         # Whatever the leader started dies with it: orphans would keep GPUs and ports.
-        await procs.kill_leftovers_async(pid, rec.create_time)
-        # circusd reaps within its check_delay and tells us the code; wait briefly for it.
+        # circusd reaps within its check_delay and tells us the code; wait a while for it,
+        # counted from the exit (what is done meanwhile does not shorten the wait).
         waiter = self._reaped.setdefault(pid, asyncio.Event())
+        deadline = time.monotonic() + REAP_WAIT_S
+        await procs.kill_leftovers_async(pid, rec.create_time)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter.wait(), 1.0)
+            await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
         self._reaped.pop(pid, None)
         code = self._exit_codes.pop(pid, None)
         if rec.pid != pid or rec.phase not in ("starting", "ready", "spawning"):
