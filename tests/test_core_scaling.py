@@ -211,7 +211,7 @@ async def test_stops_signal_and_remove_a_bounded_number_at_once(
     graph = make_graph(svc("Decode", max_replicas=6, drain_s=0.3))
     async with running(graph, tmp_path) as conn:
 
-        async def counted(pid: int, graceful_s: float) -> str:
+        async def counted(pid: int, graceful_s: float, members: set[int] | None = None) -> str:
             nonlocal most
             if not stopping_at_first:
                 stopping_at_first.append(list(phases(conn, "Decode").values()).count("stopping"))
@@ -219,7 +219,7 @@ async def test_stops_signal_and_remove_a_bounded_number_at_once(
             most = max(most, len(inside))
             try:
                 await asyncio.sleep(0.2)
-                return await real(pid, graceful_s)
+                return await real(pid, graceful_s, members)
             finally:
                 inside.remove(pid)
 

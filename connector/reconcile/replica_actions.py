@@ -421,7 +421,10 @@ class ReplicaActions(ReconcilerBase):
         step = op.step if op else standalone_step
         attrs = {"dynamo_local.replica": rec.replica_id}
         pid = rec.pid
-        pids = await _live_tree(pid, rec.create_time)
+        drains = self.hooks.before_stop is not None or bool(svc and svc.drain_s and was_ready)
+        # The tree is walked while the process is surely still ours: before a drain (which
+        # may last seconds, and the process may end meanwhile), else once it has a slot.
+        pids = await _live_tree(pid, rec.create_time) if drains else set()
         if pid is not None:
             self._exit_watcher.unwatch(pid)
         with step("drain", **attrs):
@@ -432,7 +435,9 @@ class ReplicaActions(ReconcilerBase):
             elif svc is not None and svc.drain_s and was_ready:
                 await asyncio.sleep(svc.drain_s)
         async with self._stop_slots:
-            how = await self._terminate(rec, step, attrs, pids)
+            if not drains:
+                pids = await _live_tree(pid, rec.create_time)
+            how = await self._terminate(rec, step, attrs, pids, walked=not drains)
         if rec.reservation is not None:
             with step("release", **attrs):
                 await self._release(rec, pids)
@@ -451,17 +456,25 @@ class ReplicaActions(ReconcilerBase):
         self.wake()
 
     async def _terminate(
-        self, rec: ReplicaRecord, step: Any, attrs: dict[str, Any], pids: set[int]
+        self,
+        rec: ReplicaRecord,
+        step: Any,
+        attrs: dict[str, Any],
+        pids: set[int],
+        walked: bool,
     ) -> str:
         """SIGTERM the group (SIGKILL after the grace period), remove the watcher; how it
-        went: ``terminated``, ``killed`` or ``not running``."""
+        went: ``terminated``, ``killed`` or ``not running``. ``walked``: ``pids`` is the
+        tree as walked a moment ago (no drain in between), so it is not walked again."""
         svc = self.graph.services.get(rec.component)
         pid = rec.pid
         with step("stop", **attrs) as span:
             how = "not running"
             if pids and pid is not None:
                 graceful = svc.graceful_stop_s if svc else 10.0
-                how = await procs.terminate_group_async(pid, graceful)
+                how = await procs.terminate_group_async(
+                    pid, graceful, members=pids if walked else None
+                )
             span.set_attribute("dynamo_local.stop", how)
             with contextlib.suppress(SupervisorUnavailable, CircusCommandError):
                 await self.channel.call("rm", name=rec.watcher, waiting=True)

@@ -207,10 +207,13 @@ async def _until_readable(fd: int, timeout_s: float) -> bool:
         os.close(fd)
 
 
-async def terminate_group_async(pid: int, graceful_s: float) -> str:
+async def terminate_group_async(
+    pid: int, graceful_s: float, members: set[int] | None = None
+) -> str:
     """:func:`terminate_group` without holding a thread for the grace period: SIGTERM the
     group, wait for the leader on a pidfd and for the rest of its tree, then SIGKILL what is
-    left. Returns ``"terminated"`` or ``"killed"``.
+    left. Returns ``"terminated"`` or ``"killed"``. ``members``: the tree, when the caller
+    has just walked it (else it is walked here).
 
     Nothing here reads /proc on the loop: with hundreds of stops at once and the worker
     threads busy, the few reads a stop made on the loop (its leader's state, its tree's)
@@ -231,25 +234,26 @@ async def terminate_group_async(pid: int, graceful_s: float) -> str:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(other).kill()
 
-    signalled = asyncio.ensure_future(asyncio.to_thread(term, await tree_pids_async(pid)))
+    walked = members if members is not None else await tree_pids_async(pid)
+    signalled = asyncio.ensure_future(asyncio.to_thread(term, walked))
     try:
-        members, fd = await asyncio.shield(signalled)
+        running_now, fd = await asyncio.shield(signalled)
     except asyncio.CancelledError:  # the thread goes on: the pidfd it opens is closed then
         signalled.add_done_callback(_close_pidfd_of)
         raise
     deadline = time.monotonic() + graceful_s
-    leader_gone = pid not in members
+    leader_gone = pid not in running_now
     if fd is not None:
         leader_gone = await _until_readable(fd, graceful_s)
-    if leader_gone and members.keys() <= {pid}:
+    if leader_gone and running_now.keys() <= {pid}:
         return "terminated"
     # The rest of the tree was signalled with the group: gone at once, as a rule; all of
     # it shares the one grace period (and without a pidfd, the leader too).
-    alive = await _until_gone(members, max(0.0, deadline - time.monotonic()))
+    alive = await _until_gone(running_now, max(0.0, deadline - time.monotonic()))
     if not alive:
         return "terminated"
     await asyncio.to_thread(kill, alive)
-    await _until_gone(members, 5.0)
+    await _until_gone(running_now, 5.0)
     return "killed"
 
 
