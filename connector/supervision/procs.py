@@ -159,7 +159,7 @@ def terminate_group(pid: int, graceful_s: float) -> str:
     members = tree(pid)
     if not members:
         return "terminated"
-    signal_group(pid, signal.SIGTERM)
+    signal_group(pid, signal.SIGTERM, [proc.pid for proc in members])
     _, alive = psutil.wait_procs(members, timeout=graceful_s)
     if not alive:
         return "terminated"
