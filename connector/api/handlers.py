@@ -49,17 +49,17 @@ def json_ok(data: Any, status: int = 200) -> web.Response:
 
 
 def _component_name(request: web.Request, ctx: ApiContext) -> str:
-    """The component the path names, or 404. Checked on a view without the replicas: with
-    a thousand of them a whole view takes ~10 ms, on the path of every call."""
-    name = request.match_info["name"]
-    require_component(ctx.connector.view(replicas=False), name, ctx.connector.graph.name)
-    return name
+    """The component the path names, or 404 (checked on a view without the replicas)."""
+    return _component_view(request, ctx, replicas=False)[0]
 
 
-def _component_view(request: web.Request, ctx: ApiContext) -> tuple[str, ConnectorView]:
-    """The component the path names (or 404) and the whole view, replicas included."""
+def _component_view(
+    request: web.Request, ctx: ApiContext, replicas: bool = True
+) -> tuple[str, ConnectorView]:
+    """The component the path names (or 404) and the view; ``replicas=False`` for callers
+    that need only the components: with a thousand replicas a whole view takes ~10 ms."""
     name = request.match_info["name"]
-    view = ctx.connector.view()
+    view = ctx.connector.view(replicas=replicas)
     require_component(view, name, ctx.connector.graph.name)
     return name, view
 
@@ -118,7 +118,7 @@ def _operation_result(
         "operation": operation,
         "target": target,
         "waited": waited,
-        "converged": component.ready == component.desired and ctx.connector.converged(name),
+        "converged": ctx.connector.converged(name),
         "state": component_json(component),
     }
 
@@ -191,11 +191,10 @@ async def put_replicas(request: web.Request) -> web.Response:
 
 async def restart_component(request: web.Request) -> web.Response:
     ctx = context(request)
-    name = _component_name(request, ctx)
+    name, view = _component_view(request, ctx, replicas=False)
     body = request[BODY]
     wait = bool(body.get("wait", False))
     timeout_s = _wait_timeout(ctx, body)
-    view = ctx.connector.view(replicas=False)
     target = require_component(view, name, ctx.connector.graph.name).desired
     ok = await ctx.connector.restart_component(name, blocking=wait, timeout_s=timeout_s)
     if wait and not ok:
