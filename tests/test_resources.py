@@ -1436,3 +1436,41 @@ def test_refresh_without_a_backend_is_a_no_op(tmp_path: Path) -> None:
     m.refresh(our_pids={1})
     assert m.machine_view()["gpus"] == []
     assert m.machine_view()["gpu_backend"] == "GPU backend disabled (gpu backend 'none')"
+
+
+def test_ports_are_bind_checked_before_a_start_without_holding_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop takes the manager's lock to reserve (a plan step of many replicas);
+    threads re-checking ports before starts held it across every bind, and the loop waited
+    for them. Each bind now runs with the lock free, and a port taken meanwhile still moves."""
+    import connector.resources.manager as manager_module
+
+    first = free_run(3)
+    m = make_manager(tmp_path, None, port_range=(first, first + 2))
+    m.reserve("Decode/1", "Decode", ResourceRequest(), [PortSpec("http")])
+    lock_free_during_bind: list[bool] = []
+    real_port_free = manager_module.port_free
+
+    def free_from_another_thread() -> bool:
+        got = m._lock.acquire(blocking=False)
+        if got:
+            m._lock.release()
+        return got
+
+    def watched_port_free(port: int, reuse_address: bool = False) -> bool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            lock_free_during_bind.append(pool.submit(free_from_another_thread).result())
+        return real_port_free(port, reuse_address)
+
+    monkeypatch.setattr(manager_module, "port_free", watched_port_free)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", first))
+    squatter.listen()
+    with squatter:
+        moved, lines = m.recheck_ports("Decode/1")
+    assert moved is not None and moved.ports == {"http": first + 1}
+    assert len(lines) == 1
+    # The re-check of the reserved port, then the pick of its new one (a move is rare;
+    # its pick binds under the lock, as a reservation's does).
+    assert lock_free_during_bind == [True, False]

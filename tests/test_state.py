@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from connector.errors import NamespaceLocked
-from connector.reconcile.state import ComponentRecord, ConnectorState, ReplicaRecord, StateStore
+from connector.reconcile.state import (
+    WAKE_PER_TURN,
+    ComponentRecord,
+    ConnectorState,
+    ReplicaRecord,
+    StateStore,
+)
 
 
 async def test_state_round_trips_exactly(tmp_path: Path) -> None:
@@ -100,4 +106,55 @@ async def test_a_failed_write_raises_in_every_caller_and_keeps_the_old_file(
     monkeypatch.undo()
     await store.save(state)
     assert store.load().components["A"].target == 2  # type: ignore[union-attr]
+    store.close()
+
+
+class Turns:
+    """Counts event loop turns: a callback that schedules itself again each turn."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._handle: asyncio.Handle | None = None
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def __enter__(self) -> Turns:
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+async def test_the_callers_of_one_write_resume_a_bounded_number_a_loop_turn(
+    tmp_path: Path,
+) -> None:
+    """A scale's replica tasks all wait on the same write; resumed in one loop turn they
+    held the loop for tens of ms with 1,000 replicas. At most WAKE_PER_TURN resume a turn,
+    every caller resumes, and a caller cancelled meanwhile costs the others nothing."""
+    store = StateStore(tmp_path)
+    state = ConnectorState(namespace="t")
+    resumed_at: list[int] = []
+    with Turns() as turns:
+
+        async def save(i: int) -> None:
+            state.components[f"C{i}"] = ComponentRecord(target=i)
+            await store.save(state)
+            resumed_at.append(turns.count)
+
+        callers = [asyncio.ensure_future(save(i)) for i in range(200)]
+        await asyncio.sleep(0)
+        callers[5].cancel()
+        results = await asyncio.gather(*callers, return_exceptions=True)
+    assert [i for i, r in enumerate(results) if r is not None] == [5]
+    assert isinstance(results[5], asyncio.CancelledError)
+    assert store.writes_total == 1
+    per_turn = [resumed_at.count(t) for t in sorted(set(resumed_at))]
+    assert len(resumed_at) == 199
+    assert max(per_turn) <= WAKE_PER_TURN
+    assert len(per_turn) >= 199 // WAKE_PER_TURN
+    assert sorted(store.load().components) == sorted(f"C{i}" for i in range(200))  # type: ignore[union-attr]
     store.close()

@@ -3,6 +3,8 @@ document a full ``model_dump_json`` makes, whatever was changed in place meanwhi
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,9 @@ from hypothesis import strategies as st
 
 from connector.reconcile.state import (
     MOSTLY_CHANGED,
+    PIECE_TURNS,
     PIECES_AFTER_DUMP,
+    PIECES_PER_TURN,
     ComponentRecord,
     ConnectorState,
     ExitRecord,
@@ -204,3 +208,57 @@ async def test_the_file_written_is_the_full_dump(tmp_path: Path) -> None:
     assert store.load() == state
     assert json.loads(text)["replicas"]["ns.decode.5"]["log_paths"]["stderr"] == "/logs/e"
     store.close()
+
+
+async def test_a_save_beside_other_work_makes_its_pieces_over_several_loop_turns() -> None:
+    """A thousand new records (a scale-up's first saves) are made PIECES_PER_TURN a loop
+    turn, the loop free in between; records changed in those turns (here: a few each turn)
+    are in the document as they are when it is made: the full dump of that moment."""
+    state = big_state(1000)
+    fragments = _Fragments()
+    made_per_turn: list[int] = []
+    stop = asyncio.Event()
+
+    async def change_a_few_each_turn() -> None:
+        turn = 0
+        while not stop.is_set():
+            made_per_turn.append(fragments.made_total)
+            for i in range(1, 4):
+                state.replicas[f"ns.decode.{(turn * 7 + i) % 1000 + 1}"].restarts += 1
+            turn += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(change_a_few_each_turn())
+    await asyncio.sleep(0)
+    text = await fragments.render_async(state)
+    assert text == state.model_dump_json(indent=1)  # nothing ran since it was made
+    stop.set()
+    await other
+    steps = [b - a for a, b in itertools.pairwise(made_per_turn)]
+    assert max(steps) <= PIECES_PER_TURN
+    assert len(made_per_turn) >= 1000 // PIECES_PER_TURN
+
+
+async def test_records_that_keep_changing_cannot_put_a_save_off() -> None:
+    """More records change every turn than a turn makes pieces of: after PIECE_TURNS turns
+    the rest is made at once, and the document is still the full dump."""
+    state = big_state(2 * PIECES_PER_TURN)
+    fragments = _Fragments()
+    turns = 0
+    stop = asyncio.Event()
+
+    async def change_all_each_turn() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            for rec in state.replicas.values():
+                rec.restarts += 1
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(change_all_each_turn())
+    await asyncio.sleep(0)
+    text = await fragments.render_async(state)
+    assert text == state.model_dump_json(indent=1)
+    assert turns <= PIECE_TURNS + 1
+    stop.set()
+    await other
