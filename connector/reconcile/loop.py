@@ -28,6 +28,9 @@ from connector.errors import (
 from connector.graph.quantities import approx_memory, format_memory
 from connector.reconcile.adoption import Adoption
 from connector.reconcile.base import (
+    PLAN_AHEAD,
+    PLAN_PACE_S,
+    PLAN_STALL_S,
     PLAN_STEP,
     Hooks,
     PlanResult,
@@ -96,7 +99,7 @@ class Reconciler(Adoption):
             await self._observe()
             for name in self.graph.services:
                 planning = self._planning.get(name)
-                if planning is not None and not planning.done():
+                if (planning is not None and not planning.done()) or name in self._driving:
                     continue  # a scale's plan is under way, a step at a time
                 await self.plan_steps(name, None, PlanResult(more=True))
             await self._stop_unknown_components()
@@ -199,14 +202,50 @@ class Reconciler(Adoption):
         replicas at a time, the loop free in between, until nothing is missing or a
         reservation is refused; returns the whole plan. Each step is one synchronous
         :meth:`plan` that re-reads the state, so whatever happened in between (a newer
-        target, an exit) is planned from what is there: never more than the target."""
-        while result.more and not result.refused and not self._closing:
-            if op is not None and op.done:
-                break  # superseded: the newer target has its own plan
-            probed = await self.probe_ports_for(name)
-            result.extend(self.plan(name, op, probed, limit=PLAN_STEP))
-            await asyncio.sleep(0)
+        target, an exit) is planned from what is there: never more than the target. A
+        scale's plan (``op``) goes at circusd's pace: a step once fewer than
+        :data:`PLAN_AHEAD` of the component's replicas wait for their ``add`` (or, for a
+        step that stops replicas, are stopping)."""
+        if op is not None:
+            self._driving[name] = op
+        try:
+            while result.more and not result.refused and not self._closing:
+                if op is not None:
+                    await self._pace(name, op)
+                    if op.done:
+                        break  # superseded: the newer target has its own plan
+                probed = await self.probe_ports_for(name)
+                result.extend(self.plan(name, op, probed, limit=PLAN_STEP))
+                await asyncio.sleep(0)
+        finally:
+            # A newer scale's plan may drive the component by now: it is its to clear.
+            if op is not None and self._driving.get(name) is op:
+                del self._driving[name]
         return result
+
+    def _in_flight(self, name: str) -> int:
+        """How many of ``name``'s replicas the next plan step would add to: those waiting
+        for their ``add`` when it starts replicas, those stopping when it stops them."""
+        phase = (
+            "spawning" if self.component_record(name).target > self.live_count(name) else "stopping"
+        )
+        return sum(
+            1 for r in self.state.replicas.values() if r.component == name and r.phase == phase
+        )
+
+    async def _pace(self, name: str, op: ScaleOp) -> None:
+        """Until fewer than PLAN_AHEAD of ``name``'s replicas are in flight (or none has
+        left for PLAN_STALL_S: a plan is never held up for good)."""
+        waiting = self._in_flight(name)
+        since = time.monotonic()
+        while waiting >= PLAN_AHEAD and not op.done and not self._closing:
+            await asyncio.sleep(PLAN_PACE_S)
+            now_waiting = self._in_flight(name)
+            if now_waiting < waiting:
+                since = time.monotonic()
+            elif time.monotonic() - since > PLAN_STALL_S:
+                return
+            waiting = now_waiting
 
     def continue_plan(self, name: str, op: ScaleOp, first: PlanResult) -> None:
         """Run the rest of a plan whose first step is done in the background (a scale
