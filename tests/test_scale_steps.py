@@ -143,3 +143,42 @@ async def test_a_refusal_in_a_later_step_settles_the_op_partial(tmp_path: Path) 
         assert len(conn.state.replicas_of("W")) == fit
         refused = [e for e in kinds(conn, "allocate") if e.outcome == "refused"]
         assert len(refused) == 1
+
+
+async def test_a_scale_is_planned_at_circusds_pace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """circusd adds and removes one watcher at a time: a plan keeps fewer than PLAN_AHEAD
+    (here 8) of the component's replicas waiting for their add before it plans the next
+    step (PLAN_STEP), so 100 replicas never all sit planned at once with their first steps
+    on the loop together; scaling down, every replica stops (and drains) at once."""
+    import connector.reconcile.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "PLAN_AHEAD", 8)
+    n = 100
+    async with running(make_graph(svc("W")), tmp_path, max_replicas=n) as conn:
+        rec = conn.reconciler
+        assert rec is not None
+        most: Counter[str] = Counter()
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                phases = Counter(r.phase for r in conn.state.replicas.values())
+                for phase in ("spawning", "stopping"):
+                    most[phase] = max(most[phase], phases[phase])
+                await asyncio.sleep(0)
+
+        sampler = asyncio.ensure_future(sample())
+        assert await conn.scale_component("W", n, blocking=False) is True
+        await wait_until(lambda: rec.converged("W") and "W" not in rec.ops, 60)
+        assert len(conn.state.replicas_of("W")) == n
+        assert 8 <= most["spawning"] <= 8 - 1 + PLAN_STEP
+        assert await conn.scale_component("W", 0, blocking=False) is True
+        await wait_until(lambda: not conn.state.replicas, 60)
+        done.set()
+        await sampler
+        # Stops are not held back by stops in flight: a stop may drain, all drain together.
+        assert most["stopping"] == n
+        await wait_until(lambda: "W" not in rec.ops, 10)
+        assert [(e.to_replicas, e.outcome) for e in kinds(conn, "scale")] == [(n, "ok"), (0, "ok")]

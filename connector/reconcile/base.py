@@ -113,11 +113,12 @@ class Hooks:
 PLAN_STEP = 32
 
 # A scale's plan keeps at most this many of its replicas planned but not yet added to
-# circusd (phase "spawning"), or, scaling down, stopping; checked every PLAN_PACE_S. circusd
-# adds (and removes) 60-150 a second, one at a time, so planning 1,000 at once only queued
-# them, and their first steps (reservation, record, save, log files) ran in the scale's
-# first 2 s with the loop 90% busy: /healthz answered in 50-135 ms then, 16-31 ms (p99)
-# paced. A plan that sees none of them leave for PLAN_STALL_S goes on.
+# circusd (phase "spawning"), checked every PLAN_PACE_S. circusd adds 60-150 a second, one
+# at a time, so planning 1,000 at once only queued them, and their first steps (reservation,
+# record, save, log files) ran in the scale's first 2 s with the loop 90% busy: /healthz
+# answered in 50-135 ms then, 16-34 ms (p99) paced. A plan that sees none of them leave for
+# PLAN_STALL_S goes on. Scaling down, a step follows the last after PLAN_PACE_S (a stop may
+# drain for seconds: counted, the drains would run a step at a time, not all together).
 PLAN_AHEAD = 4 * PLAN_STEP
 PLAN_PACE_S = 0.02
 PLAN_STALL_S = 10.0

@@ -204,8 +204,8 @@ class Reconciler(Adoption):
         :meth:`plan` that re-reads the state, so whatever happened in between (a newer
         target, an exit) is planned from what is there: never more than the target. A
         scale's plan (``op``) goes at circusd's pace: a step once fewer than
-        :data:`PLAN_AHEAD` of the component's replicas wait for their ``add`` (or, for a
-        step that stops replicas, are stopping)."""
+        :data:`PLAN_AHEAD` of the component's replicas wait for their ``add`` (a step that
+        stops replicas: :data:`PLAN_PACE_S` after the last)."""
         if op is not None:
             self._driving[name] = op
         try:
@@ -223,24 +223,24 @@ class Reconciler(Adoption):
                 del self._driving[name]
         return result
 
-    def _in_flight(self, name: str) -> int:
-        """How many of ``name``'s replicas the next plan step would add to: those waiting
-        for their ``add`` when it starts replicas, those stopping when it stops them."""
-        phase = (
-            "spawning" if self.component_record(name).target > self.live_count(name) else "stopping"
-        )
+    def _waiting_for_add(self, name: str) -> int:
         return sum(
-            1 for r in self.state.replicas.values() if r.component == name and r.phase == phase
+            1 for r in self.state.replicas.values() if r.component == name and r.phase == "spawning"
         )
 
     async def _pace(self, name: str, op: ScaleOp) -> None:
-        """Until fewer than PLAN_AHEAD of ``name``'s replicas are in flight (or none has
-        left for PLAN_STALL_S: a plan is never held up for good)."""
-        waiting = self._in_flight(name)
+        """Before a step that starts replicas: until fewer than PLAN_AHEAD of ``name``'s
+        replicas wait for their ``add`` (or none has left for PLAN_STALL_S: a plan is never
+        held up for good). Before a step that stops replicas: PLAN_PACE_S, no more. Stops
+        are not counted: a stop may drain for seconds, and all drain together."""
+        if self.component_record(name).target <= self.live_count(name):
+            await asyncio.sleep(PLAN_PACE_S)
+            return
+        waiting = self._waiting_for_add(name)
         since = time.monotonic()
         while waiting >= PLAN_AHEAD and not op.done and not self._closing:
             await asyncio.sleep(PLAN_PACE_S)
-            now_waiting = self._in_flight(name)
+            now_waiting = self._waiting_for_add(name)
             if now_waiting < waiting:
                 since = time.monotonic()
             elif time.monotonic() - since > PLAN_STALL_S:
