@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ import pytest
 from connector.errors import NamespaceLocked
 from connector.reconcile.state import (
     WAKE_PER_TURN,
+    WRITE_WINDOW_S,
+    WRITES_PER_WINDOW,
     ComponentRecord,
     ConnectorState,
     ReplicaRecord,
     StateStore,
+    WriteRate,
 )
 
 
@@ -81,6 +85,59 @@ async def test_saves_asked_together_share_one_write_with_every_change(tmp_path: 
     await store.save(state)  # a save after the others is a write of its own
     assert store.writes_total == before + 1
     assert store.load().components["late"].target == 7  # type: ignore[union-attr]
+    store.close()
+
+
+def test_write_rate_lets_a_few_writes_through_then_one_per_share_of_the_window() -> None:
+    rate = WriteRate(writes=3, window_s=0.3)
+    for at in (10.0, 10.01, 10.02):  # a few saves in a row: no wait
+        assert rate.wait_s(at) == 0.0
+        rate.started(at)
+    assert rate.wait_s(10.05) == pytest.approx(0.25)  # the 4th: when the 1st leaves the window
+    rate.started(10.3)
+    assert rate.wait_s(10.3) == pytest.approx(0.01)
+    assert rate.wait_s(11.0) == 0.0  # quiet for a window: at once again
+
+
+async def test_saves_that_keep_coming_are_written_at_a_bounded_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale of hundreds saves without pause for seconds: at most WRITES_PER_WINDOW
+    writes start within any WRITE_WINDOW_S, and every caller still finds its own change on
+    disk when its save returns."""
+    store = StateStore(tmp_path)
+    state = ConnectorState(namespace="t")
+    starts: list[float] = []
+    write = store._write
+
+    def timed_write(text: str) -> None:
+        starts.append(time.monotonic())
+        write(text)
+
+    monkeypatch.setattr(store, "_write", timed_write)
+
+    async def change_and_save(i: int) -> None:
+        state.components[f"C{i}"] = ComponentRecord(target=i)
+        await store.save(state)
+        on_disk = json.loads((tmp_path / "state.json").read_text())
+        assert on_disk["components"][f"C{i}"]["target"] == i
+
+    savers = []
+    began = time.monotonic()
+    for i in range(120):  # a save every 10 ms for ~1.2 s
+        savers.append(asyncio.ensure_future(change_and_save(i)))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*savers)
+    lasted = time.monotonic() - began
+    # Each start is stamped a moment after the store let it start (the document is made in
+    # between): a margin for that, far below the window.
+    spread = [
+        later - first for first, later in zip(starts, starts[WRITES_PER_WINDOW:], strict=False)
+    ]
+    assert len(spread) >= 2
+    assert min(spread) >= WRITE_WINDOW_S - 0.05
+    assert len(starts) <= WRITES_PER_WINDOW * (lasted / WRITE_WINDOW_S + 1)
+    assert sorted(store.load().components) == sorted(f"C{i}" for i in range(120))  # type: ignore[union-attr]
     store.close()
 
 
