@@ -45,6 +45,7 @@ from connector.reconcile.status import build_view
 from connector.supervision import procs
 from connector.supervision.circus import CircusChannel
 from connector.supervision.daemon import CircusSupervisor
+from connector.supervision.open_files import raise_open_files_limit
 from connector.view import ConnectorView
 
 __all__ = ["ConnectorOptions", "LocalConnector", "default_working_dir"]
@@ -169,6 +170,9 @@ class LocalConnector(PlannerConnectorMixin):
             self.replica_budget, {n: s.replicas for n, s in self.graph.services.items()}
         )
         self._starting = True
+        # Before circusd starts, which inherits it: each replica holds descriptors in
+        # circusd and in the connector (connector.supervision.open_files).
+        raise_open_files_limit()
         try:
             await asyncio.to_thread(self.store.acquire)
             try:
