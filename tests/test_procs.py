@@ -64,6 +64,42 @@ def test_proc_table_reads_parent_group_and_start_as_psutil_does(tmp_path: Path) 
         child.wait()
 
 
+def test_identity_checks_read_stat_once_and_tell_running_zombie_gone_and_recycled(
+    tmp_path: Path,
+) -> None:
+    """The loop's check that every running replica is still the process it recorded: running
+    and recorded, a zombie (exited, not reaped), a recorded start that differs (the pid
+    reused by another process) and a pid that is gone; create times as psutil gives them."""
+    alive = _sleeper(tmp_path, "alive", "60")
+    dead = _sleeper(tmp_path, "dead", "60")
+    try:
+        created = psutil.Process(alive.pid).create_time()
+        assert procs.create_time_of(alive.pid) == pytest.approx(created, abs=1e-6)
+        dead_created = procs.create_time_of(dead.pid)
+        dead.kill()
+        os.waitid(os.P_PID, dead.pid, os.WEXITED | os.WNOWAIT)  # a zombie now
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        recorded = [
+            (alive.pid, created),
+            (dead.pid, dead_created),
+            (os.getpid(), psutil.Process().create_time() - 5.0),  # another process's start
+            (gone.pid, None),
+            (os.getpid(), None),  # no start recorded: running is enough
+        ]
+        assert procs.running_as_recorded(recorded) == {alive.pid, os.getpid()}
+        assert procs.running_as_recorded(recorded[:4]) == {alive.pid}
+        assert procs.same_process(alive.pid, created)
+        assert not procs.same_process(alive.pid, created + 0.5)
+        assert not procs.same_process(dead.pid, dead_created)
+        assert not procs.same_process(None, None)
+        assert procs.create_time_of(gone.pid) is None
+    finally:
+        for child in (alive, dead):
+            child.kill()
+            child.wait()
+
+
 def test_children_map_is_the_psutil_parent_map() -> None:
     by_psutil: dict[int, set[int]] = {}
     for proc, info in procs.process_table(["ppid"]):

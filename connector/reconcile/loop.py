@@ -127,9 +127,10 @@ class Reconciler(Adoption):
         ]
         if not watched:
             return
-        dead = await asyncio.to_thread(
-            lambda: [(w, pid) for w, pid, ct in watched if not procs.same_process(pid, ct)]
+        running = await asyncio.to_thread(
+            procs.running_as_recorded, [(pid, ct) for _, pid, ct in watched]
         )
+        dead = [(w, pid) for w, pid, _ in watched if pid not in running]
         for watcher, pid in dead:
             self._on_pid_exit(watcher, pid)
         gone = {w for w, _ in dead}

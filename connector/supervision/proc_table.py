@@ -14,6 +14,7 @@ Blocking (it reads /proc): call it in a thread.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import psutil
@@ -70,6 +71,28 @@ def scan() -> list[ProcRow]:
             if row is not None:
                 rows.append(row)
     return rows
+
+
+def rows(pids: Iterable[int]) -> dict[int, ProcRow]:
+    """The rows of ``pids`` that are running (zombies included, marked): one read of each
+    one's stat file and one of the boot time for all, where a ``psutil.Process`` read the
+    stat file two or three times and the boot time once per question (~5x the cost: the
+    loop's check of 512 running replicas took ~70 ms of a thread each pass)."""
+    wanted = set(pids)
+    if not os.path.isdir(_PROC):
+        return {row.pid: row for row in _scan_psutil() if row.pid in wanted}
+    boot_time = psutil.boot_time()
+    out: dict[int, ProcRow] = {}
+    for pid in wanted:
+        try:
+            with open(f"{_PROC}/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # not running, or not ours to read
+            continue
+        row = _parse(pid, stat, boot_time)
+        if row is not None:
+            out[pid] = row
+    return out
 
 
 def _scan_psutil() -> list[ProcRow]:

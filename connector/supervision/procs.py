@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -25,20 +25,27 @@ def same_process(pid: int | None, create_time: float | None) -> bool:
     """True when ``pid`` runs and is the process that was recorded (not a recycled pid)."""
     if pid is None:
         return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 0.01
-    except psutil.Error:
-        return False
+    return pid in running_as_recorded([(pid, create_time)])
+
+
+def running_as_recorded(recorded: Iterable[tuple[int, float | None]]) -> set[int]:
+    """Of the ``(pid, create time)`` pairs, the pids that run (not zombies) and are the
+    processes recorded (not recycled pids): one read of each pid's stat file."""
+    wanted = list(recorded)
+    found = proc_table.rows(pid for pid, _ in wanted)
+    alive: set[int] = set()
+    for pid, create_time in wanted:
+        row = found.get(pid)
+        if row is None or row.zombie:
+            continue
+        if create_time is None or abs(row.create_time - create_time) < 0.01:
+            alive.add(pid)
+    return alive
 
 
 def create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
+    row = proc_table.rows([pid]).get(pid)
+    return row.create_time if row is not None else None
 
 
 def tree(pid: int, snapshot: proc_table.ProcessTree | None = None) -> list[psutil.Process]:
