@@ -101,7 +101,7 @@ import aetcd
 import aiohttp
 import psutil
 
-from connector.dynamo.discovery.etcd import etcd_endpoint
+from connector.dynamo.discovery.etcd import ETCD_CLIENT_OPTIONS, etcd_endpoint
 from connector.dynamo.discovery.file import Inotify
 from connector.dynamo.discovery.keys import V1_PREFIX, decode_value, parse_instance_key
 from connector.graph.loader import load_graph
@@ -209,7 +209,10 @@ class EtcdView:
 
     def __init__(self, url: str) -> None:
         host, port = etcd_endpoint(url)
-        self.client = aetcd.Client(host, port, timeout=2)
+        # Reconnecting as the connector's clients do: with gRPC's default backoff this view
+        # came back up to 2 s after a short etcd outage, and a key the connector had removed
+        # at once read as listed that long.
+        self.client = aetcd.Client(host, port, timeout=2, options=dict(ETCD_CLIENT_OPTIONS))
 
     async def instances(self, namespace: str) -> dict[str, tuple[int | None, str]]:
         """key -> (the request-plane port it advertises, its instance id in hex)."""

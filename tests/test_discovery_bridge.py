@@ -15,8 +15,9 @@ from typing import Any
 import aetcd
 import pytest
 
+from bench.chaos import RestartableEtcd
 from connector.dynamo.discovery.bridge import DiscoveryBridge
-from connector.dynamo.discovery.etcd import EtcdDiscovery
+from connector.dynamo.discovery.etcd import ETCD_CLIENT_OPTIONS, EtcdDiscovery
 from connector.dynamo.discovery.file import FileDiscovery
 from connector.dynamo.discovery.keys import encode_value, file_path, instance_key, instance_value
 from connector.events import EventLog
@@ -316,6 +317,49 @@ async def test_etcd_exit_revokes_the_lease_and_drain_keeps_it_until_exit(etcd_se
         await bridge.close()
         await disc.close()
         await client.close()
+
+
+async def test_an_exit_while_etcd_is_away_is_cleaned_up_once_etcd_is_back_not_at_a_sweep(
+    tmp_path: Path,
+) -> None:
+    """A replica that dies while etcd is away (or the moment it comes back, its client
+    still reconnecting): the removal etcd refused is tried again soon, so its entry goes
+    within a second of etcd's return, not at the next sweep (here a minute away)."""
+    etcd = RestartableEtcd(tmp_path / "etcd")
+    etcd.start()
+    client = aetcd.Client(etcd.host, etcd.port, timeout=5, options=dict(ETCD_CLIENT_OPTIONS))
+    host = Host()
+    disc = EtcdDiscovery(etcd.url)
+    await disc.start()
+    bridge = DiscoveryBridge(host, disc, sweep_s=60.0)
+    await bridge.start()
+    try:
+        dead = host.add(1, 20011, phase="ready")
+        lease = await client.lease(60)
+        key = instance_key(NS, "backend", "generate", lease.id)
+        value = encode_value(
+            instance_value(NS, "backend", "generate", lease.id, "127.0.0.1", 20011)
+        )
+        await client.put(key.encode(), value, lease=lease)
+        await until(lambda: len(disc.instances()) == 1)
+
+        await asyncio.to_thread(etcd.stop)
+        host.rec(dead).phase = "backoff"
+        cleanup = asyncio.ensure_future(bridge.after_exit(host.rec(dead)))
+        await asyncio.sleep(0.5)
+        assert not cleanup.done()  # refused while etcd is away, and tried again
+        await asyncio.to_thread(etcd.start)
+        back = time.monotonic()
+        await asyncio.wait_for(cleanup, 10)
+        assert time.monotonic() - back < 3.0
+        assert (await client.get(key.encode())) is None
+        assert (await client.get_lease_info(lease.id)).TTL == -1
+        assert reaps(host) == [(dead, "process exited", key)]
+    finally:
+        await bridge.close()
+        await disc.close()
+        await client.close()
+        etcd.stop()
 
 
 async def test_stats_count_owned_instances_and_reaped_not_drained(files: Any) -> None:

@@ -45,6 +45,8 @@ _NOT_RUNNING = frozenset({"backoff", "exited"})
 # to an earlier process of that replica (same ports, dead now). The margin covers the time
 # between the process starting and the connector recording ``spawned_at``.
 SPAWN_MARGIN_S = 0.1
+# A removal discovery refused is tried again after this long, doubling (see _remove_soon).
+REMOVE_RETRY_S = 0.1
 
 
 def _drain_reason(result: DrainResult) -> str:
@@ -310,23 +312,39 @@ class DiscoveryBridge:
         )
 
     async def after_exit(self, rec: ReplicaRecord) -> None:
-        """The process is gone: its entries go now (lease revoked / files deleted)."""
+        """The process is gone: its entries go now (lease revoked / files deleted). A removal
+        that fails (etcd away, or its client still reconnecting after an outage) is tried
+        again soon, not left to the next sweep (:meth:`_remove_soon`)."""
         for inst in self.owned_by(rec.replica_id):
-            await self._remove(inst, revoke=True, why="process exited", replica=rec.replica_id)
+            await self._remove_soon(inst, why="process exited", replica=rec.replica_id)
         for inst in self._drained.pop(rec.replica_id, []):
             if inst.backend == "etcd":  # what else the drained process kept on its lease
                 with contextlib.suppress(Exception):
                     await self.discovery.remove(inst, revoke=True)
 
-    async def _remove(self, inst: Instance, *, revoke: bool, why: str, replica: str) -> None:
+    async def _remove_soon(self, inst: Instance, *, why: str, replica: str) -> None:
+        """:meth:`_remove`, tried again after REMOVE_RETRY_S, doubling, for as long as a
+        sweep interval: a replica killed the moment etcd came back stayed listed until the
+        next sweep, up to 2 s, where clients reconnect within a quarter second."""
+        delay, waited = REMOVE_RETRY_S, 0.0
+        while not await self._remove(inst, revoke=True, why=why, replica=replica):
+            if waited >= self.sweep_s:
+                return  # the sweeps go on trying
+            await asyncio.sleep(delay)
+            waited += delay
+            delay *= 2
+
+    async def _remove(self, inst: Instance, *, revoke: bool, why: str, replica: str) -> bool:
+        """Take ``inst`` out of discovery; False when discovery refused (logged), True when
+        it is out or another removal of it is under way."""
         if inst.key in self._removing:
-            return
+            return True
         self._removing.add(inst.key)
         try:
             await self.discovery.remove(inst, revoke=revoke)
         except Exception as exc:
             log.warning("discovery: removing %s (%s) failed: %s", inst.key, why, exc)
-            return
+            return False
         finally:
             self._removing.discard(inst.key)
         self.ownership.forget(inst.key)
@@ -345,6 +363,7 @@ class DiscoveryBridge:
                 "revoked": revoke and inst.backend == "etcd",
             },
         )
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Instances per managed component (for the exporter), and entries reaped so far."""
