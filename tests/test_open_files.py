@@ -31,6 +31,11 @@ def _run(script: str, cwd: Path, timeout_s: float = 120) -> dict[str, object]:
     return result
 
 
+def _raised_to(hard: int) -> int:
+    """The soft limit the connector should end with under hard limit ``hard``."""
+    return MOST if hard == resource.RLIM_INFINITY else min(hard, MOST)
+
+
 def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
     got = _run(
         """
@@ -46,7 +51,7 @@ def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
         tmp_path,
     )
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = MOST if hard == resource.RLIM_INFINITY else min(hard, MOST)
+    wanted = _raised_to(hard)
     assert got == {"now": wanted, "again": wanted, "limits": [wanted, hard]}
 
 
@@ -90,5 +95,8 @@ def test_a_scale_needing_more_descriptors_than_the_soft_limit_gets_ready(
         """,
         Path(__file__).parent.parent,
     )
-    wanted = MOST if hard == resource.RLIM_INFINITY else min(hard, MOST)
-    assert got == {"converged": True, "phases": ["ready"] * 80, "circusd_soft": str(wanted)}
+    assert got == {
+        "converged": True,
+        "phases": ["ready"] * 80,
+        "circusd_soft": str(_raised_to(hard)),
+    }

@@ -114,7 +114,7 @@ SAVE_DEBOUNCE_S = 0.02
 # saves in a row (one replica's start) are written at once, a burst (a scale of hundreds,
 # each replica saving as it is recorded and again once its process runs) waits its turn.
 # Each write cost the connector ~8 ms of CPU with 500 records (the document made, ~0.5 MB
-# written, fsynced and renamed): back to back they were 200-270 writes in a 0 -> 512, about
+# written, fsynced and renamed): back to back they were 175-264 writes in a 0 -> 512, about
 # a core's worth taken from circusd's adds on two cores.
 WRITES_PER_WINDOW = 5
 WRITE_WINDOW_S = 0.5
@@ -367,8 +367,8 @@ class StateStore:
         change is on disk when this returns; callers that ask while one write is pending
         share it. So stopping N replicas (each saving) costs at most
         :data:`WRITES_PER_WINDOW` serializations per :data:`WRITE_WINDOW_S`, not N of the
-        whole state, and each serialization makes again
-        only the records that changed (:class:`_Fragments`). The state is serialized on the
+        whole state, and each serialization makes again only the records that changed
+        (:class:`_Fragments`). The state is serialized on the
         loop (a consistent snapshot: the loop is the only writer) and written in a thread,
         atomically. A failed write (disk full, read-only dir) raises
         :class:`StateWriteFailed` in every waiter; the state stays as it is in memory, and
