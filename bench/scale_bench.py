@@ -3,7 +3,8 @@
 For ``sleep`` replicas (readiness ``none``, exit on SIGTERM at once):
 
 1. ``0 -> N`` through ``scale_component`` against bare circusd ``add`` (with start) of N
-   watchers one after the other through Circus's own client. Target: <= 1.5x.
+   watchers one after the other through Circus's own client: Circus's own ``circusd``,
+   as installed, adding plain ``sleep`` watchers. Target: <= 1.5x.
 2. ``N -> 0``. Target: <= 3 s for N = 512.
 3. ``shutdown()`` with N running (what Ctrl-C does). Target: <= 5 s for N = 512.
 4. State writes during ``N -> 0`` (coalesced: far fewer than N) and the connector's RSS
@@ -18,10 +19,11 @@ For ``sleep`` replicas (readiness ``none``, exit on SIGTERM at once):
 The connector runs as ``up`` runs it: its start-up heap frozen out of the garbage
 collector's full passes (``connector.cli.heap``).
 
-For reference, bare circusd also adds N watchers as the connector adds them (its argv
-through ``setpriv``, its env, its log streams, the log files made beforehand as the
-connector makes them): what circusd itself costs per replica,
-the floor of the connector's scale-up with one circusd.
+For reference, the circusd the connector runs (``connector.supervision.circusd_program``:
+Circus's, spawning without a fork) also adds N watchers as the connector adds them (its
+argv through ``setpriv``, its env, its log streams, the log files made beforehand as the
+connector makes them): what circusd itself costs per replica, the floor of the
+connector's scale-up with one circusd.
 
     python -m bench.scale_bench [--replicas 512] [--rounds 3] [--api-replicas 1000]
         [--healthz-rate 100]
@@ -50,7 +52,7 @@ from connector.cli.heap import freeze_startup_heap
 from connector.graph import dynamo_defaults
 from connector.graph.model import Graph, Readiness, ReadinessKind, Role, Service
 from connector.local import ConnectorOptions, LocalConnector
-from connector.supervision.circus import start_circusd, stop_circusd
+from connector.supervision.circus import start_circusd, stock_circusd_program, stop_circusd
 from connector.supervision.launcher import launcher_prefix
 from connector.supervision.logs import (
     LogPolicy,
@@ -95,8 +97,12 @@ def _watcher(i: int, log_dir: Path | None) -> dict[str, Any]:
 
 
 async def bare_circus_adds(tmp: Path, n: int, as_connector: bool = False) -> float:
+    """Seconds for ``n`` adds one after the other: plain ``sleep`` watchers to Circus's own
+    circusd (the baseline), or (``as_connector``) the connector's watchers to the circusd
+    the connector runs (its floor)."""
     run_dir = tmp / ("bare-as-connector" if as_connector else "bare")
-    info = await start_circusd(run_dir)
+    program = None if as_connector else stock_circusd_program()
+    info = await start_circusd(run_dir, program=program)
     client = CircusClient(endpoint=info.endpoint, timeout=30)
     log_dir = run_dir / "logs" if as_connector else None
     if log_dir is not None:

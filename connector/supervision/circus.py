@@ -204,14 +204,21 @@ class CircusdInfo:
             return False
 
 
-def _circusd_binary() -> str:
+def circusd_program() -> list[str]:
+    """The argv (less the config path) of the circusd the connector runs: Circus's daemon
+    with a spawn that needs no fork (:mod:`connector.supervision.circusd_program`)."""
+    return [sys.executable, "-m", "connector.supervision.circusd_program"]
+
+
+def stock_circusd_program() -> list[str]:
+    """Circus's own ``circusd`` script, unchanged (benchmarks compare with it)."""
     beside = Path(sys.executable).with_name("circusd")
     if beside.exists():
-        return str(beside)
+        return [str(beside)]
     found = shutil.which("circusd")
     if not found:
         raise SupervisorUnavailable("circusd not found next to the Python interpreter or on PATH")
-    return found
+    return [found]
 
 
 def write_circus_config(path: Path, endpoint: str, pubsub: str, check_delay: float) -> None:
@@ -228,7 +235,9 @@ def write_circus_config(path: Path, endpoint: str, pubsub: str, check_delay: flo
     )
 
 
-def _spawn_circusd(run_dir: Path, check_delay: float) -> tuple[subprocess.Popen[bytes], str, str]:
+def _spawn_circusd(
+    run_dir: Path, check_delay: float, program: list[str]
+) -> tuple[subprocess.Popen[bytes], str, str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     endpoint = f"tcp://127.0.0.1:{free_loopback_port()}"
     pubsub = f"tcp://127.0.0.1:{free_loopback_port()}"
@@ -236,7 +245,7 @@ def _spawn_circusd(run_dir: Path, check_delay: float) -> tuple[subprocess.Popen[
     write_circus_config(config, endpoint, pubsub, check_delay)
     with (run_dir / "circusd.out").open("ab") as out:
         proc = subprocess.Popen(
-            [_circusd_binary(), str(config)],
+            [*program, str(config)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -247,16 +256,21 @@ def _spawn_circusd(run_dir: Path, check_delay: float) -> tuple[subprocess.Popen[
 
 
 async def start_circusd(
-    run_dir: Path, *, check_delay: float = 0.25, attempts: int = 3
+    run_dir: Path,
+    *,
+    check_delay: float = 0.25,
+    attempts: int = 3,
+    program: list[str] | None = None,
 ) -> CircusdInfo:
-    """Start a circusd we own on loopback ports and wait until it answers.
+    """Start a circusd we own on loopback ports and wait until it answers (``program``:
+    the argv before the config path, :func:`circusd_program` unless given).
 
     Ports are picked free just before circusd binds them; if another process takes one in
     between, circusd exits at once and we try again on fresh ports.
     """
     for attempt in range(1, attempts + 1):
         try:
-            return await _start_circusd_once(run_dir, check_delay)
+            return await _start_circusd_once(run_dir, check_delay, program or circusd_program())
         except _EarlyExit as exc:
             if attempt == attempts:
                 raise SupervisorUnavailable(str(exc)) from None
@@ -267,8 +281,8 @@ class _EarlyExit(Exception):
     pass
 
 
-async def _start_circusd_once(run_dir: Path, check_delay: float) -> CircusdInfo:
-    proc, endpoint, pubsub = await asyncio.to_thread(_spawn_circusd, run_dir, check_delay)
+async def _start_circusd_once(run_dir: Path, check_delay: float, program: list[str]) -> CircusdInfo:
+    proc, endpoint, pubsub = await asyncio.to_thread(_spawn_circusd, run_dir, check_delay, program)
     created = await asyncio.to_thread(lambda: psutil.Process(proc.pid).create_time())
     info = CircusdInfo(endpoint, pubsub, proc.pid, created)
     channel = CircusChannel(endpoint, timeout_s=0.5, busy_retry_s=0)
