@@ -20,7 +20,8 @@ The connector runs as ``up`` runs it: its start-up heap frozen out of the garbag
 collector's full passes (``connector.cli.heap``).
 
 For reference, the circusd the connector runs (``connector.supervision.circusd_program``:
-Circus's, spawning without a fork) also adds N watchers as the connector adds them (its
+Circus's, spawning with vfork) adds N watchers twice: the same plain ones as the baseline
+(what the faster spawn alone gives), and as the connector adds them (its
 argv through ``setpriv``, its env, its log streams, the log files made beforehand as the
 connector makes them): what circusd itself costs per replica, the floor of the
 connector's scale-up with one circusd.
@@ -96,13 +97,16 @@ def _watcher(i: int, log_dir: Path | None) -> dict[str, Any]:
     return {"cmd": argv[0], "args": argv[1:], "options": options}
 
 
-async def bare_circus_adds(tmp: Path, n: int, as_connector: bool = False) -> float:
+async def bare_circus_adds(
+    tmp: Path, n: int, as_connector: bool = False, ours: bool = False
+) -> float:
     """Seconds for ``n`` adds one after the other: plain ``sleep`` watchers to Circus's own
-    circusd (the baseline), or (``as_connector``) the connector's watchers to the circusd
-    the connector runs (its floor)."""
-    run_dir = tmp / ("bare-as-connector" if as_connector else "bare")
-    program = None if as_connector else stock_circusd_program()
-    info = await start_circusd(run_dir, program=program)
+    circusd (the baseline; with ``ours``, to the circusd the connector runs), or
+    (``as_connector``) the connector's watchers to the circusd the connector runs (its
+    floor)."""
+    ours = ours or as_connector
+    run_dir = tmp / ("bare-as-connector" if as_connector else "bare-ours" if ours else "bare")
+    info = await start_circusd(run_dir, program=None if ours else stock_circusd_program())
     client = CircusClient(endpoint=info.endpoint, timeout=30)
     log_dir = run_dir / "logs" if as_connector else None
     if log_dir is not None:
@@ -309,6 +313,7 @@ async def main(argv: list[str] | None = None) -> int:
     n, m = args.replicas, args.api_replicas
     with tempfile.TemporaryDirectory(prefix="dl-scale-") as tmp:
         bare_runs, rounds = await up_rounds(Path(tmp), n, max(1, args.rounds))
+        plain_ours = await bare_circus_adds(Path(tmp), n, ours=True)
         like = await bare_circus_adds(Path(tmp), n, as_connector=True)
         api = await api_round(Path(tmp), m, args.healthz_rate) if m > 0 else None
     baselines = [(a + b) / 2 for a, b in itertools.pairwise(bare_runs)]
@@ -327,6 +332,10 @@ async def main(argv: list[str] | None = None) -> int:
     print(
         f"  connector 0 -> {n}:            {got['up']:7.2f} s  ({ratio:.2f}x bare, rounds "
         f"{each}; goal <= {UP_RATIO_GOAL}x: {_verdict(ratio <= UP_RATIO_GOAL)})"
+    )
+    print(
+        f"  bare add x{n}, connector's circusd: {plain_ours:5.2f} s  ({plain_ours / bare:.2f}x "
+        "bare: the same plain watchers, spawned with vfork)"
     )
     print(
         f"  bare add x{n} as the connector: {like:6.2f} s  ({like / bare:.2f}x bare; the "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from connector.supervision.logs import (
+    LogFileMaker,
     create_log_files,
     log_paths,
     merge_newest,
@@ -78,3 +80,31 @@ def test_create_log_files_makes_missing_files_and_keeps_existing_ones(tmp_path: 
         "ns.worker.3.stderr.log",
         "ns.worker.3.stdout.log",
     ]
+
+
+async def test_log_file_maker_makes_a_moment_of_spawns_files_in_one_thread_hop(
+    tmp_path: Path,
+) -> None:
+    log_dir = tmp_path / "logs"  # missing: made on the first request
+    maker = LogFileMaker(log_dir)
+    paths = [log_paths(log_dir, f"ns.worker.{i}") for i in range(40)]
+    await asyncio.gather(*(maker.make(p) for p in paths))
+    assert maker.hops == 1
+    assert len(list(log_dir.iterdir())) == 80
+    await maker.make(log_paths(log_dir, "ns.worker.40"))
+    assert maker.hops == 2
+    assert len(list(log_dir.iterdir())) == 82
+
+
+async def test_log_file_maker_fails_only_the_request_whose_file_cannot_be_made(
+    tmp_path: Path,
+) -> None:
+    maker = LogFileMaker(tmp_path)
+    good, bad = log_paths(tmp_path, "ns.worker.1"), log_paths(tmp_path, "ns.worker.2")
+    Path(bad["stderr"]).mkdir()  # a folder where the file goes
+    results = await asyncio.gather(maker.make(good), maker.make(bad), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], IsADirectoryError)
+    assert results[1].filename == bad["stderr"]
+    assert Path(good["stdout"]).is_file() and Path(good["stderr"]).is_file()
+    assert maker.hops == 1

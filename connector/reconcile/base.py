@@ -29,6 +29,7 @@ from connector.reconcile.state import ComponentRecord, ConnectorState, ReplicaRe
 from connector.supervision import procs
 from connector.supervision.circus import CircusChannel
 from connector.supervision.logs import (
+    LogFileMaker,
     LogPolicy,
     merge_newest,
     read_replica_lines,
@@ -174,6 +175,7 @@ class ReconcilerBase:
         self.events = events
         self.resources = resources
         self.log_dir = log_dir
+        self.log_files = LogFileMaker(log_dir)
         self.hooks = hooks or Hooks()
         self.resync_s = resync_s
         self.log_policy = log_policy or LogPolicy()

@@ -34,7 +34,7 @@ from connector.reconcile.state import ComponentRecord, ExitRecord, ReplicaRecord
 from connector.supervision import procs
 from connector.supervision.circus import CircusCommandError
 from connector.supervision.launcher import launcher_prefix
-from connector.supervision.logs import circus_stream_options, create_log_files
+from connector.supervision.logs import circus_stream_options
 from connector.supervision.probes import ProbeTarget, wait_ready
 
 log = logging.getLogger("connector.reconcile")
@@ -94,22 +94,17 @@ class ReplicaActions(ReconcilerBase):
         res: ReservationLike = self.resources.reservation_from_dict(rec.reservation)
         return res
 
-    def _prepare_files(self, rec: ReplicaRecord) -> tuple[Any, list[str]]:
-        """The log folder and files and the resource manager's ``prepare``, in one thread
-        hop per spawn (blocking: mkdir, creat, unlink, binds)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        create_log_files(rec.log_paths)
-        if not rec.reservation:
-            return None, []
-        return self.resources.prepare(rec.replica_id)
-
     async def _prepare_allocation(self, rec: ReplicaRecord, restart: bool) -> bool:
-        """Make the replica's allocation usable right before its process (re)starts: stale
-        socket files go, and ports a foreign process bound since they were reserved (or
-        since its last exit) move, so it does not start only to fail on bind. True when a
-        port moved: the record has the new ports and the old watcher, whose env names the
-        old ones, is gone."""
-        reservation, moves = await asyncio.to_thread(self._prepare_files, rec)
+        """Make the replica's log files and its allocation usable right before its process
+        (re)starts: stale socket files go, and ports a foreign process bound since they
+        were reserved (or since its last exit) move, so it does not start only to fail on
+        bind. True when a port moved: the record has the new ports and the old watcher,
+        whose env names the old ones, is gone."""
+        await self.log_files.make(rec.log_paths)
+        if not rec.reservation:
+            return False
+        # Blocking (unlink, binds): in a thread.
+        reservation, moves = await asyncio.to_thread(self.resources.prepare, rec.replica_id)
         if not moves:
             return False
         rec.reservation = reservation.to_dict()

@@ -7,6 +7,7 @@ order. Reading never follows a path that is not inside the log folder.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import os
 from collections.abc import Iterable
@@ -40,6 +41,62 @@ def create_log_files(paths: dict[str, str]) -> None:
     rather than inside them (about a sixth of circusd's time per replica)."""
     for path in paths.values():
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
+
+
+class LogFileMaker:
+    """Makes replicas' log files (and their folder when it is missing) in one thread at a
+    time, every request of a moment in one thread hop.
+
+    Each spawn used to make its files (and the folder, ``mkdir`` every time) in a thread of
+    its own, so a scale-up had up to six pool threads creating files in one folder at once,
+    each taking the folder's lock. Made one after the other, four alternating runs of
+    0 -> 512 on 2 cores took the connector 0.91-1.08 s of system CPU against 1.00-1.41 s,
+    in about as long. Creating a file costs from 20 us to over 0.4 ms on the same ext4
+    disk (more while it discards the blocks of files just deleted), so it is done beside
+    circusd's adds, not inside them (:func:`create_log_files`)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._waiting: list[tuple[dict[str, str], asyncio.Future[None]]] = []
+        self._maker: asyncio.Task[None] | None = None
+        self.hops = 0  # thread hops so far (tests count them)
+
+    async def make(self, paths: dict[str, str]) -> None:
+        """Create ``paths``' files; raises the ``OSError`` that refused one of them."""
+        loop = asyncio.get_running_loop()
+        made: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((paths, made))
+        if self._maker is None or self._maker.done():
+            self._maker = loop.create_task(self._run(), name="log-files")
+        await made
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            self.hops += 1
+            failures = await asyncio.to_thread(self._make_all, [paths for paths, _ in batch])
+            for (_, made), failure in zip(batch, failures, strict=True):
+                if made.done():  # its caller was cancelled
+                    continue
+                if failure is None:
+                    made.set_result(None)
+                else:
+                    made.set_exception(failure)
+
+    def _make_all(self, batch: list[dict[str, str]]) -> list[OSError | None]:
+        failures: list[OSError | None] = []
+        for paths in batch:
+            try:
+                try:
+                    create_log_files(paths)
+                except FileNotFoundError:  # the folder is missing (first spawn, or removed)
+                    os.makedirs(self.log_dir, exist_ok=True)
+                    create_log_files(paths)
+            except OSError as exc:
+                failures.append(exc)
+            else:
+                failures.append(None)
+        return failures
 
 
 def circus_stream_options(paths: dict[str, str], policy: LogPolicy) -> dict[str, Any]:
