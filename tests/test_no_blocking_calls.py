@@ -36,6 +36,14 @@ BLOCKING_PROCS = {
     "process_tree",
 }
 BLOCKING_BUILTINS = {"open"}
+# connector.supervision.logs helpers that touch the log folder.
+BLOCKING_LOG_FILES = {
+    "create_log_files",
+    "list_log_folder",
+    "delete_log_files",
+    "tail_lines",
+    "read_replica_lines",
+}
 BLOCKING_METHODS = {"read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink"}
 # Calls that are as cheap as a syscall and documented as such where they are made.
 ALLOWED: set[tuple[str, str, str]] = set()
@@ -55,7 +63,7 @@ def _calls_on_the_loop(fn: ast.AsyncFunctionDef) -> Iterator[ast.Call]:
 
 def _blocking_name(call: ast.Call) -> str | None:
     func = call.func
-    if isinstance(func, ast.Name) and func.id in BLOCKING_BUILTINS:
+    if isinstance(func, ast.Name) and func.id in BLOCKING_BUILTINS | BLOCKING_LOG_FILES:
         return func.id
     if isinstance(func, ast.Attribute):
         owner = func.value

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
@@ -209,6 +210,10 @@ class ReconcilerBase:
         self._pass_lock = asyncio.Lock()
         self._closing = False
         self._reap_grace_s = 0.3
+        # Stopped replicas' log files to prune (Reconciler._prune_stopped_logs): set by
+        # every stop, and at start for what an earlier connector left.
+        self._logs_stale = True
+        self._logs_pruned_at = -math.inf
 
     def watcher_name(self, component: str, ordinal: int) -> str:
         # Circus lowercases watcher names; names are validated unique case-insensitively.

@@ -42,7 +42,10 @@ from connector.reconcile.operations import ScaleOp
 from connector.reconcile.state import ExitRecord, ReplicaRecord
 from connector.supervision import procs
 from connector.supervision.logs import (
+    delete_log_files,
+    list_log_folder,
     log_paths,
+    stopped_log_files,
 )
 
 __all__ = [
@@ -60,6 +63,9 @@ log = logging.getLogger(__name__)
 
 class Reconciler(Adoption):
     """The loop: observe, plan, act, requeue (level-triggered, idempotent)."""
+
+    # Stopped replicas' log files are pruned at most this often (a folder listing each).
+    LOG_PRUNE_S = 10.0
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -105,6 +111,29 @@ class Reconciler(Adoption):
             await self._stop_unknown_components()
         await self.save()
         await self._notify()
+        await self._prune_stopped_logs()
+
+    async def _prune_stopped_logs(self) -> None:
+        """Delete the log files of stopped replicas beyond the newest
+        ``LogPolicy.stopped_kept`` of each component: after a stop (or once after start,
+        for what an earlier connector left), at most once per :attr:`LOG_PRUNE_S`."""
+        now = time.monotonic()
+        if not self._logs_stale or now - self._logs_pruned_at < self.LOG_PRUNE_S:
+            return
+        self._logs_stale, self._logs_pruned_at = False, now
+        names = await asyncio.to_thread(list_log_folder, self.log_dir)
+        # The records as they are *after* the listing: a file listed belongs to a replica
+        # that has a record now or stopped before now (a record exists before its files
+        # and goes only at its stop, and ordinals are never reused), so no live replica's
+        # file is ever taken for a stopped one's.
+        live = frozenset(self.state.replicas)
+        prefix, keep = self.watcher_prefix, self.log_policy.stopped_kept
+
+        def prune() -> int:
+            return delete_log_files(self.log_dir, stopped_log_files(names, prefix, live, keep))
+
+        if await asyncio.to_thread(prune):
+            log.debug("deleted log files of stopped replicas in %s", self.log_dir)
 
     async def _observe(self) -> None:
         if self._circusd_alive is not None and not await asyncio.to_thread(self._circusd_alive):

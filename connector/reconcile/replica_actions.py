@@ -437,6 +437,7 @@ class ReplicaActions(ReconcilerBase):
             with step("release", **attrs):
                 await self._release(rec, pids)
         self.state.replicas.pop(rec.watcher, None)
+        self._logs_stale = True  # its log files may go now (Reconciler._prune_stopped_logs)
         self._blocked.pop(rec.component, None)
         self.events.emit(
             "stop",

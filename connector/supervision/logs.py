@@ -8,9 +8,11 @@ order. Reading never follows a path that is not inside the log folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,15 @@ STREAMS = ("stdout", "stderr")
 class LogPolicy:
     max_bytes: int = 10 * 1024 * 1024
     backup_count: int = 3
+    # Replicas that stopped whose log files stay, per component: the newest (the highest
+    # ordinals; ordinals are never reused). Older ones are deleted, so a graph the Planner
+    # scales up and down all day does not leave two files (and their rotations) per
+    # replica it ever started.
+    stopped_kept: int = 16
+
+
+# "<watcher>.<stream>.log", or a rotation of it: "<watcher>.<stream>.log.<n>".
+_LOG_FILE = re.compile(r"^(?P<watcher>.+)\.(?:stdout|stderr)\.log(?:\.\d+)?$")
 
 
 def log_paths(log_dir: Path, watcher: str) -> dict[str, str]:
@@ -97,6 +108,51 @@ class LogFileMaker:
             else:
                 failures.append(None)
         return failures
+
+
+def stopped_log_files(
+    names: Iterable[str], prefix: str, live: Collection[str], keep: int
+) -> list[str]:
+    """Which of ``names`` (files in the log folder) to delete: those of watchers under
+    ``prefix`` (a namespace's ``ns.``) that are not ``live``, beyond the ``keep`` highest
+    ordinals of each component. Anything that is not a replica's log file is left alone."""
+    files: dict[str, list[str]] = {}
+    for name in names:
+        match = _LOG_FILE.match(name)
+        if match is None:
+            continue
+        watcher = match["watcher"]
+        if watcher.startswith(prefix) and watcher not in live:
+            files.setdefault(watcher, []).append(name)
+    by_component: dict[str, list[tuple[int, str]]] = {}
+    for watcher in files:
+        component, _, ordinal = watcher.rpartition(".")
+        if component and ordinal.isdigit():
+            by_component.setdefault(component, []).append((int(ordinal), watcher))
+    doomed: list[str] = []
+    for stopped in by_component.values():
+        stopped.sort(reverse=True)
+        for _, watcher in stopped[keep:]:
+            doomed.extend(files[watcher])
+    return sorted(doomed)
+
+
+def list_log_folder(log_dir: Path) -> list[str]:
+    """The names in the log folder (blocking); none when it does not exist yet."""
+    try:
+        return os.listdir(log_dir)
+    except FileNotFoundError:
+        return []
+
+
+def delete_log_files(log_dir: Path, names: Iterable[str]) -> int:
+    """Delete ``names`` from the log folder (blocking); returns how many went."""
+    deleted = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(log_dir, name))
+            deleted += 1
+    return deleted
 
 
 def circus_stream_options(paths: dict[str, str], policy: LogPolicy) -> dict[str, Any]:
