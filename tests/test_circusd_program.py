@@ -67,7 +67,9 @@ async def test_a_replica_spawned_without_preexec_gets_what_circus_preexec_gave(
         assert os.readlink(f"/proc/{pid}/fd/2").startswith("pipe:")
         assert _session_of(pid) == pid  # setsid: a session (and group) of its own
         assert os.readlink(f"/proc/{pid}/cwd") == str(work)
-        # sh exports PWD before it execs sleep; nothing else is added.
+        # Once sh has exec'd sleep (before, the environ read is sh's own, as given): sh
+        # exports PWD; nothing else is added.
+        await wait_until(lambda: Path(f"/proc/{pid}/comm").read_text() == "sleep\n")
         assert _environ_of(pid) == {**env, "PWD": str(work)}
         await wait_until(
             lambda: all(Path(p).exists() and Path(p).read_text() for p in logs.values()),
