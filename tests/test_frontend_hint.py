@@ -1,6 +1,6 @@
 """The ``curl`` line ``dynamo-local up`` prints once a graph serves: pasteable as printed,
-aimed at the frontend replica's real port, and printed only once the whole graph is ready,
-the frontend lists a model and answers that very request (never a line that cannot work)."""
+aimed at the frontend replica's real port, and printed only once the whole graph is ready
+and the frontend lists a model (never a line that cannot work)."""
 
 from __future__ import annotations
 
@@ -121,52 +121,32 @@ def _view(port: int, ready: bool) -> ConnectorView:
     )
 
 
-class FakeFrontend:
-    """What the test makes the frontend list (``listed``) and answer to chat requests
-    (``statuses``, one a request, then 200), and the chat bodies it was sent."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.listed: list[str] = []
-        self.statuses: list[int] = []
-        self.bodies: list[Any] = []
-
-
 @pytest.fixture
-async def frontend() -> AsyncIterator[FakeFrontend]:
-    fake = FakeFrontend(0)
+async def models_server() -> AsyncIterator[tuple[int, list[str]]]:
+    """A /v1/models that lists whatever the test puts in the list it yields."""
+    listed: list[str] = []
 
     async def models(_request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": m} for m in fake.listed]})
-
-    async def chat(request: web.Request) -> web.Response:
-        fake.bodies.append(await request.json())
-        status = fake.statuses.pop(0) if fake.statuses else 200
-        return web.json_response({"status": status}, status=status)
+        return web.json_response({"object": "list", "data": [{"id": m} for m in listed]})
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     server: Any = site._server
-    fake.port = server.sockets[0].getsockname()[1]
+    port = server.sockets[0].getsockname()[1]
     try:
-        yield fake
+        yield port, listed
     finally:
         await runner.cleanup()
 
 
-def _printed_body(line: str) -> Any:
-    return json.loads(shlex.split(line)[6])
-
-
-async def test_printed_once_the_graph_is_ready_a_model_is_listed_and_answered(
-    frontend: FakeFrontend,
+async def test_printed_once_the_graph_is_ready_and_a_model_is_listed(
+    models_server: tuple[int, list[str]],
 ) -> None:
-    port = frontend.port
+    port, listed = models_server
     connector = FakeConnector(_view(port, ready=False))
     lines: list[str] = []
     task = asyncio.create_task(
@@ -177,43 +157,24 @@ async def test_printed_once_the_graph_is_ready_a_model_is_listed_and_answered(
     connector.change(_view(port, ready=True))
     await asyncio.sleep(0.2)
     assert lines == []  # ready, but the model is not registered yet: no line that 404s
-    assert frontend.bodies == []
-    # Listed, but the router has no worker yet (Dynamo's frontend answers 503 then).
-    frontend.statuses.extend([503, 503])
-    frontend.listed.append("tiny-llama")
+    listed.append("tiny-llama")
     assert await asyncio.wait_for(task, 5) is True
     base = f"http://127.0.0.1:{port}"
     assert lines == [
         f"dynamo-local: Frontend serves 'tiny-llama' at {base}; try:",
         f"  {curl_command(base, 'tiny-llama')}",
     ]
-    # Three trials, each the very request printed.
-    assert frontend.bodies == [_printed_body(lines[1])] * 3
     assert connector.subscribers == []  # unsubscribed once ready
 
 
 async def test_nothing_printed_for_a_frontend_that_lists_no_model(
-    frontend: FakeFrontend,
+    models_server: tuple[int, list[str]],
 ) -> None:
-    connector = FakeConnector(_view(frontend.port, ready=True))
+    port, _ = models_server
+    connector = FakeConnector(_view(port, ready=True))
     lines: list[str] = []
     printed = await announce_when_serving(
         connector, {"Frontend": DEFAULT_READINESS}, lines.append, poll_s=0.02, model_wait_s=0.3
     )
     assert printed is False and lines == []
-    assert frontend.bodies == []
     assert await announce_when_serving(connector, {}, lines.append) is False
-
-
-async def test_nothing_printed_for_a_listed_model_the_frontend_never_answers(
-    frontend: FakeFrontend,
-) -> None:
-    connector = FakeConnector(_view(frontend.port, ready=True))
-    frontend.listed.append("tiny-llama")
-    frontend.statuses.extend([503] * 1000)
-    lines: list[str] = []
-    printed = await announce_when_serving(
-        connector, {"Frontend": DEFAULT_READINESS}, lines.append, poll_s=0.02, model_wait_s=0.3
-    )
-    assert printed is False and lines == []
-    assert len(frontend.bodies) >= 2  # tried again, not once
