@@ -22,6 +22,14 @@ REPLICAS_PER_CORE = 8
 MIN_REPLICA_BUDGET = 64
 
 
+# Replica logs (`up --log-max-size/--log-backups/--keep-stopped-logs`): each stream's file
+# rotates at this size, keeping this many rotated files; and the files of the newest
+# stopped replicas of each component stay, older ones are deleted.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+STOPPED_LOGS_KEPT = 16
+
+
 def replica_budget() -> int:
     """The default replica budget of this machine (its CPU affinity, not every core)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

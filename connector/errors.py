@@ -43,6 +43,14 @@ class ScaledObjectError(ConnectorError):
     http_status = 422
 
 
+class InvalidOptions(ConnectorError):
+    """A :class:`~connector.options.ConnectorOptions` value is out of range; the message
+    names the option and the value."""
+
+    code = "invalid_options"
+    http_status = 422
+
+
 class ComponentNotFound(ConnectorError):
     code = "component_not_found"
     http_status = 404

@@ -31,6 +31,7 @@ from connector.errors import (
     ComponentNotFound,
     ConnectorClosed,
     ConnectorStarting,
+    InvalidOptions,
     InvalidReplicas,
 )
 from connector.events import Event, EventLog, Subscriber
@@ -45,6 +46,7 @@ from connector.reconcile.status import build_view
 from connector.supervision import procs
 from connector.supervision.circus import CircusChannel
 from connector.supervision.daemon import CircusSupervisor
+from connector.supervision.logs import LogPolicy
 from connector.supervision.open_files import raise_open_files_limit
 from connector.view import ConnectorView
 
@@ -54,6 +56,27 @@ log = logging.getLogger(__name__)
 
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_LOG_LINES = 10_000
+
+
+def _log_policy(options: ConnectorOptions) -> LogPolicy:
+    """The replica log policy the options ask for; a negative value is refused by name."""
+    # At least one rotated file: with none, Circus's rotation never happens and the file
+    # grows without bound (as logging's RotatingFileHandler with backupCount 0).
+    values = {
+        "log_max_bytes": (options.log_max_bytes, 0),
+        "log_backups": (options.log_backups, 1),
+        "stopped_logs_kept": (options.stopped_logs_kept, 0),
+    }
+    for name, (value, least) in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InvalidOptions(
+                f"{name} must be an integer >= {least}, got {value!r}", **{name: value}
+            )
+    return LogPolicy(
+        max_bytes=options.log_max_bytes,
+        backup_count=options.log_backups,
+        stopped_kept=options.stopped_logs_kept,
+    )
 
 
 class LocalConnector(PlannerConnectorMixin):
@@ -82,6 +105,7 @@ class LocalConnector(PlannerConnectorMixin):
                 max_replicas=self.options.max_replicas,
             )
         self.replica_budget = self.options.max_replicas or defaults.replica_budget()
+        self.log_policy = _log_policy(self.options)
         self.events = EventLog(self.working_dir / "events.jsonl")
         self.store = StateStore(self.working_dir)
         self.state = ConnectorState(namespace=namespace, graph_source=graph.source)
@@ -212,6 +236,7 @@ class LocalConnector(PlannerConnectorMixin):
             events=self.events,
             resources=self.resources,
             log_dir=self.working_dir / "logs",
+            log_policy=self.log_policy,
             hooks=self.hooks,
             resync_s=self.options.resync_s,
             circusd_alive=self.supervisor.alive,

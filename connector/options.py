@@ -43,6 +43,11 @@ class ConnectorOptions:
     planner_executor: bool = False
     # Replicas the whole graph may run at once (None: defaults.replica_budget()).
     max_replicas: int | None = None
+    # Replica logs: rotation size (0: never) and rotated files kept per stream (>= 1), and
+    # how many stopped replicas' files stay per component.
+    log_max_bytes: int = defaults.LOG_MAX_BYTES
+    log_backups: int = defaults.LOG_BACKUPS
+    stopped_logs_kept: int = defaults.STOPPED_LOGS_KEPT
     # KEDA ScaledObjects whose policies drive their components (connector.policy), and
     # whether they only record what they would do.
     scaled_objects: tuple[ScaledObject, ...] = ()

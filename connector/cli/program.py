@@ -92,6 +92,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         gpu_foreign_memory_threshold_bytes=args.gpu_foreign_threshold,
         gpu_release_timeout_s=args.release_timeout,
         max_replicas=args.max_replicas,
+        log_max_bytes=args.log_max_size,
+        log_backups=args.log_backups,
+        stopped_logs_kept=args.keep_stopped_logs,
         scaledobjects=tuple(args.scaledobject),
         dry_run=args.dry_run,
     )
@@ -233,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="replicas the whole graph may run at once (default: "
         f"{defaults.REPLICAS_PER_CORE} per core, at least {defaults.MIN_REPLICA_BUDGET})",
+    )
+    up.add_argument(
+        "--log-max-size",
+        type=_memory,
+        default=defaults.LOG_MAX_BYTES,
+        metavar="MEMORY",
+        help="rotate each replica log file at this size, 0 for never (default "
+        f"{format_memory(defaults.LOG_MAX_BYTES)})",
+    )
+    up.add_argument(
+        "--log-backups",
+        type=_positive(int),
+        default=defaults.LOG_BACKUPS,
+        metavar="N",
+        help="rotated files kept per replica log, at least 1 (default %(default)s)",
+    )
+    up.add_argument(
+        "--keep-stopped-logs",
+        type=_count,
+        default=defaults.STOPPED_LOGS_KEPT,
+        metavar="N",
+        help="stopped replicas per component whose log files stay; older ones are deleted "
+        "(default %(default)s)",
     )
     up.add_argument(
         "--scaledobject",

@@ -63,6 +63,9 @@ class UpConfig:
     gpu_foreign_memory_threshold_bytes: int = defaults.GPU_FOREIGN_MEMORY_THRESHOLD_BYTES
     gpu_release_timeout_s: float = defaults.RELEASE_TIMEOUT_S
     max_replicas: int | None = None  # None: defaults.replica_budget()
+    log_max_bytes: int = defaults.LOG_MAX_BYTES
+    log_backups: int = defaults.LOG_BACKUPS
+    stopped_logs_kept: int = defaults.STOPPED_LOGS_KEPT
     scaledobjects: tuple[str, ...] = ()  # KEDA ScaledObject files, as named on the command line
     dry_run: bool = False  # the policies record what they would do, and never scale
 
@@ -88,6 +91,9 @@ class UpConfig:
             gpu_foreign_memory_threshold_bytes=self.gpu_foreign_memory_threshold_bytes,
             gpu_release_timeout_s=self.gpu_release_timeout_s,
             max_replicas=self.max_replicas,
+            log_max_bytes=self.log_max_bytes,
+            log_backups=self.log_backups,
+            stopped_logs_kept=self.stopped_logs_kept,
             scaled_objects=scaled_objects,
             policy_dry_run=self.dry_run,
         )

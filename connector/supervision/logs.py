@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from connector import defaults
+
 MAX_LINES = 10_000
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"  # sortable as text
 STREAMS = ("stdout", "stderr")
@@ -24,13 +26,14 @@ STREAMS = ("stdout", "stderr")
 
 @dataclass(frozen=True)
 class LogPolicy:
-    max_bytes: int = 10 * 1024 * 1024
-    backup_count: int = 3
+    # Each stream's file rotates at max_bytes (0: never), keeping backup_count old files.
+    max_bytes: int = defaults.LOG_MAX_BYTES
+    backup_count: int = defaults.LOG_BACKUPS
     # Replicas that stopped whose log files stay, per component: the newest (the highest
     # ordinals; ordinals are never reused). Older ones are deleted, so a graph the Planner
     # scales up and down all day does not leave two files (and their rotations) per
     # replica it ever started.
-    stopped_kept: int = 16
+    stopped_kept: int = defaults.STOPPED_LOGS_KEPT
 
 
 # "<watcher>.<stream>.log", or a rotation of it: "<watcher>.<stream>.log.<n>".
