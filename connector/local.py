@@ -59,7 +59,7 @@ MAX_LOG_LINES = 10_000
 
 
 def _log_policy(options: ConnectorOptions) -> LogPolicy:
-    """The replica log policy the options ask for; a negative value is refused by name."""
+    """The replica log policy the options ask for; a value out of range is refused by name."""
     # At least one rotated file: with none, Circus's rotation never happens and the file
     # grows without bound (as logging's RotatingFileHandler with backupCount 0).
     values = {

@@ -39,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from connector.errors import SupervisorUnavailable
+from connector.supervision import procs
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +194,7 @@ class CircusdInfo:
 
     def process_alive(self) -> bool:
         """True when the recorded circusd process still runs (pid *and* create time match)."""
-        if self.pid is None:
-            return False
-        try:
-            proc = psutil.Process(self.pid)
-            return (
-                self.create_time is None or abs(proc.create_time() - self.create_time) < 0.01
-            ) and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return procs.same_process(self.pid, self.create_time)
 
 
 def circusd_program() -> list[str]:

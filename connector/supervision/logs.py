@@ -7,7 +7,6 @@ order. Reading never follows a path that is not inside the log folder.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import heapq
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from connector import defaults
+from connector.supervision.batched import Batched, Outcome
 
 MAX_LINES = 10_000
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"  # sortable as text
@@ -59,7 +59,7 @@ def create_log_files(paths: dict[str, str]) -> None:
 
 class LogFileMaker:
     """Makes replicas' log files (and their folder when it is missing) in one thread at a
-    time, every request of a moment in one thread hop.
+    time, every request of a moment in one thread hop (:class:`Batched`).
 
     Each spawn used to make its files (and the folder, ``mkdir`` every time) in a thread of
     its own, so a scale-up had up to six pool threads creating files in one folder at once,
@@ -71,34 +71,19 @@ class LogFileMaker:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self._waiting: list[tuple[dict[str, str], asyncio.Future[None]]] = []
-        self._maker: asyncio.Task[None] | None = None
-        self.hops = 0  # thread hops so far (tests count them)
+        self._make = Batched(self._make_all, "log-files")
+
+    @property
+    def hops(self) -> int:
+        """Thread hops so far (tests count them)."""
+        return self._make.runs
 
     async def make(self, paths: dict[str, str]) -> None:
         """Create ``paths``' files; raises the ``OSError`` that refused one of them."""
-        loop = asyncio.get_running_loop()
-        made: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((paths, made))
-        if self._maker is None or self._maker.done():
-            self._maker = loop.create_task(self._run(), name="log-files")
-        await made
+        await self._make(paths)
 
-    async def _run(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            self.hops += 1
-            failures = await asyncio.to_thread(self._make_all, [paths for paths, _ in batch])
-            for (_, made), failure in zip(batch, failures, strict=True):
-                if made.done():  # its caller was cancelled
-                    continue
-                if failure is None:
-                    made.set_result(None)
-                else:
-                    made.set_exception(failure)
-
-    def _make_all(self, batch: list[dict[str, str]]) -> list[OSError | None]:
-        failures: list[OSError | None] = []
+    def _make_all(self, batch: list[dict[str, str]]) -> list[Outcome[None]]:
+        outcomes: list[Outcome[None]] = []
         for paths in batch:
             try:
                 try:
@@ -107,10 +92,10 @@ class LogFileMaker:
                     os.makedirs(self.log_dir, exist_ok=True)
                     create_log_files(paths)
             except OSError as exc:
-                failures.append(exc)
+                outcomes.append(exc)
             else:
-                failures.append(None)
-        return failures
+                outcomes.append(None)
+        return outcomes
 
 
 def stopped_log_files(

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from connector.supervision import proc_table
+from connector.supervision.batched import Batched, Outcome
 
 
 def same_process(pid: int | None, create_time: float | None) -> bool:
@@ -92,51 +93,31 @@ def process_tree() -> proc_table.ProcessTree:
     return proc_table.ProcessTree.read()
 
 
-class _SharedReads:
+def _shared_reads_of_the_tree() -> Batched[None, proc_table.ProcessTree]:
     """Reads of the process tree shared by every walk asked for on one loop: a walk asked
     while a read is under way waits for the next read, which begins after it was asked, so
     no walk sees a table older than itself (a child that just left its process group is
     found), and N stops at once make a few reads, not N (each costs ~35 ms with 2,000
     processes running)."""
 
-    def __init__(self) -> None:
-        self._asked: list[asyncio.Future[proc_table.ProcessTree]] = []
-        self._reader: asyncio.Task[None] | None = None
+    def read_for_all(asked: list[None]) -> list[Outcome[proc_table.ProcessTree]]:
+        tree = process_tree()
+        return [tree] * len(asked)
 
-    async def read(self) -> proc_table.ProcessTree:
-        loop = asyncio.get_running_loop()
-        asked: asyncio.Future[proc_table.ProcessTree] = loop.create_future()
-        self._asked.append(asked)
-        if self._reader is None or self._reader.done():
-            self._reader = loop.create_task(self._read_for_all(), name="process-tree")
-        return await asked
-
-    async def _read_for_all(self) -> None:
-        while self._asked:
-            asked, self._asked = self._asked, []
-            try:
-                tree = await asyncio.to_thread(process_tree)
-            except Exception as exc:  # every walk that waited hears of it
-                for waiter in asked:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                continue
-            for waiter in asked:
-                if not waiter.done():
-                    waiter.set_result(tree)
+    return Batched(read_for_all, "process-tree")
 
 
-_shared_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedReads] = (
-    weakref.WeakKeyDictionary()
-)
+_shared_reads: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, Batched[None, proc_table.ProcessTree]
+] = weakref.WeakKeyDictionary()
 
 
 async def _shared_read() -> proc_table.ProcessTree:
     loop = asyncio.get_running_loop()
     reads = _shared_reads.get(loop)
     if reads is None:
-        reads = _shared_reads[loop] = _SharedReads()
-    return await reads.read()
+        reads = _shared_reads[loop] = _shared_reads_of_the_tree()
+    return await reads(None)
 
 
 async def tree_pids_async(pid: int | None) -> set[int]:
@@ -331,18 +312,13 @@ async def kill_leftovers_async(pgid: int, not_before: float | None) -> list[int]
 def identify(pids: Collection[int]) -> dict[int, float]:
     """The running ones of ``pids`` with their start times, so that a later check can tell
     them from unrelated processes that got a recycled PID."""
-    found: dict[int, float] = {}
-    for pid in pids:
-        created = create_time_of(pid)
-        if created is not None and same_process(pid, created):  # zombies are gone already
-            found[pid] = created
-    return found
+    return {pid: row.create_time for pid, row in proc_table.rows(pids).items() if not row.zombie}
 
 
 def running(identities: Mapping[int, float]) -> set[int]:
     """Those of :func:`identify`'s processes still running (zombies and recycled PIDs count
     as gone)."""
-    return {pid for pid, created in identities.items() if same_process(pid, created)}
+    return running_as_recorded(identities.items())
 
 
 def wait_gone(identities: Mapping[int, float], timeout_s: float) -> bool:
